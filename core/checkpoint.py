@@ -1,0 +1,111 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else, written atomically.
+
+A checkpoint is a folder ``checkpoints/step-00000123/`` with ``model.safetensors``,
+``trainer.safetensors`` (optimizer and plugin tensors) and ``state.json``. It is written
+into a temporary folder and renamed into place, so a folder with that name is complete.
+Nothing is unpickled when loading.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import DataError
+
+PREFIX = "step-"
+TENSOR_KEY = "__tensor__"
+
+
+def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """Copy of ``obj`` with every tensor moved into ``tensors`` and replaced by a reference."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {TENSOR_KEY: path}
+    if isinstance(obj, dict):
+        return {str(k): flatten(v, tensors, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [flatten(v, tensors, f"{path}.{i}" if path else str(i)) for i, v in enumerate(obj)]
+    return obj
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``flatten``."""
+    if isinstance(obj, dict):
+        if set(obj) == {TENSOR_KEY}:
+            return tensors[obj[TENSOR_KEY]]
+        return {k: unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(checkpoints_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any], keep: int) -> Path:
+    """Write a checkpoint atomically and keep only the newest ``keep``; return its folder."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / f"{PREFIX}{step:08d}"
+    tmp = checkpoints_dir / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # Clones: safetensors refuses views and shared storage (tied weights are stored twice).
+    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten(trainer_state, tensors)
+    save_file(tensors, str(tmp / "trainer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(skeleton, indent=1))
+    for file in tmp.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():  # same step written again (a resumed run): replace it whole
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(checkpoints_dir)
+    for old in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders are never listed)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def latest(checkpoints_dir: Path) -> Path | None:
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1] if found else None
+
+
+def load(checkpoint: Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load weights into ``model`` and return the trainer state saved beside them."""
+    try:
+        weights = load_file(str(checkpoint / "model.safetensors"), device=str(device))
+        tensors = load_file(str(checkpoint / "trainer.safetensors"), device="cpu")
+        skeleton = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{checkpoint}: unreadable checkpoint: {exc}") from None
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise DataError(f"{checkpoint}: weights do not fit the model built from its config: {exc}") from None
+    if missing or unexpected:
+        raise DataError(
+            f"{checkpoint}: weights do not fit the model built from its config "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    return unflatten(skeleton, tensors)

@@ -1,0 +1,234 @@
+"""YAML config: loading (``include:``, dotted overrides) and validation with pydantic.
+
+The core validates ``run:`` and ``scaling:``; each plugin validates its own block under
+``plugins:`` with the model it returns from ``plait_config_schema``. Every error names the
+file, the key path and, for a misspelt key, the nearest valid one.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from .errors import ConfigError, nearest
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Options(BaseModel):
+    """Base for option models: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSettings(Options):
+    name: str = "run"
+    seed: int = 0
+    epochs: int = Field(5, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    grad_clip: float | None = Field(1.0, gt=0)
+    log_every: int = Field(10, ge=1)
+    runs_dir: str = "runs"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    loader_workers: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class ScalingSettings(Options):
+    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in-process")
+    use_gpu: bool = False
+
+
+class PlaitConfig(BaseModel):
+    """The resolved config of one run. Plugins read their options with ``options(Model)``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: RunSettings = RunSettings()
+    scaling: ScalingSettings = ScalingSettings()
+    plugins: dict[str, dict[str, Any]] = {}
+    source: str = Field("<config>", exclude=True)
+    _options: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+
+    def options(self, model: type[M]) -> M:
+        """The validated options of the plugin whose schema is ``model``."""
+        for value in self._options.values():
+            if type(value) is model:
+                return value
+        raise ConfigError(f"{self.source}: no plugin with options {model.__name__} is configured")
+
+    def plugin_options(self, name: str) -> BaseModel | None:
+        return self._options.get(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, defaults included: what ``config.yaml`` in the run folder holds."""
+        plugins = {}
+        for name, raw in self.plugins.items():
+            opts = self._options.get(name)
+            plugins[name] = opts.model_dump(mode="json") if opts is not None else dict(raw)
+        return {
+            "run": self.run.model_dump(mode="json"),
+            "scaling": self.scaling.model_dump(mode="json"),
+            "plugins": plugins,
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+TOP_LEVEL_KEYS = ("include", "run", "scaling", "plugins")
+FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in ``top`` replaces."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read ``path`` with its ``include:`` files merged beneath it (relative to the file)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"{path}: include cycle: {chain}")
+    data = _read_yaml(path)
+    includes = data.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: include: expected a file name or a list of file names")
+    merged: dict[str, Any] = {}
+    for include in includes:
+        merged = _merge(merged, load_raw(path.parent / include, (*_seen, path)))
+    return _merge(merged, data)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` in place; the value is parsed as YAML (``8``, ``true``, ``[a, b]``)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{override}': expected key.path=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str) and FLOAT.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads "1e-3" as a string
+    parts = key.strip().split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: depth + 1])
+            raise ConfigError(f"override '{override}': '{where}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys at ``loc`` inside ``model`` (for 'did you mean')."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format_errors(exc: ValidationError, model: type[BaseModel], source: str, prefix: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        keypath = ".".join(str(p) for p in (*([prefix] if prefix else []), *loc))
+        if err["type"] == "extra_forbidden":
+            hint = nearest(str(loc[-1]), _field_names(model, loc[:-1]))
+            lines.append(f"{keypath}: unknown option{hint}")
+        else:
+            lines.append(f"{keypath}: {err['msg']} (got {err.get('input')!r})")
+    return f"{source}: " + "; ".join(lines)
+
+
+def validate(model: type[M], data: Any, source: str, prefix: str = "") -> M:
+    """``model.model_validate(data)`` with an error that names the file and key path."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, model, source, prefix)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The raw merged dict of ``path`` with includes and overrides, checked at the top level."""
+    data = load_raw(path)
+    for override in overrides:
+        apply_override(data, override)
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"{path}: unknown top-level key '{key}'{nearest(key, TOP_LEVEL_KEYS)}")
+    plugins = data.get("plugins") or {}
+    if not isinstance(plugins, dict):
+        raise ConfigError(f"{path}: plugins: expected a mapping of plugin name -> options")
+    for name, options in plugins.items():
+        if options is None:
+            plugins[name] = {}
+        elif not isinstance(options, dict):
+            raise ConfigError(f"{path}: plugins.{name}: expected a mapping of options, got {options!r}")
+    data["plugins"] = plugins
+    return data
+
+
+def resolve(data: dict[str, Any], schemas: dict[str, type[BaseModel] | None], source: str) -> PlaitConfig:
+    """Validate the raw dict against the core schema and each plugin's ``schemas[name]``."""
+    config = validate(
+        PlaitConfig,
+        {"run": data.get("run") or {}, "scaling": data.get("scaling") or {}, "plugins": data["plugins"]},
+        source,
+    )
+    config.source = source
+    for name, raw in config.plugins.items():
+        schema = schemas.get(name)
+        if schema is None:
+            if raw:
+                raise ConfigError(f"{source}: plugins.{name}: this plugin takes no options (got {sorted(raw)})")
+            continue
+        config._options[name] = validate(schema, raw, source, prefix=f"plugins.{name}")
+    return config

@@ -1,0 +1,333 @@
+"""The train/eval loop. It knows nothing of Ray: the same ``fit`` runs in-process or inside
+a Ray Train worker, which passes its rank and its ``prepare_*`` functions in ``Distributed``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import checkpoint
+from .config import PlaitConfig
+from .errors import DataError, PluginError
+from .manager import Plugins
+from .model import build_model
+from .state import RunState
+
+RUN_INFO = "run.json"
+
+
+def _identity(obj: Any) -> Any:
+    return obj
+
+
+@dataclass
+class Distributed:
+    """How a distributed runner plugs into ``fit``; the defaults are one process."""
+
+    rank: int = 0
+    world_size: int = 1
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = _identity
+    prepare_loader: Callable[[DataLoader], DataLoader] = _identity
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class TransformedDataset(Dataset):
+    """A data set whose samples pass through the plugins' sample transforms."""
+
+    def __init__(self, base: Any, transforms: list[Callable[[dict], dict]]) -> None:
+        self.base = base
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.base[index]
+        for transform in self.transforms:
+            sample = transform(sample)
+        return sample
+
+
+def build_dataset(plugins: Plugins, config: PlaitConfig, split: str) -> Any:
+    """The ``split`` data set with its transforms, or None when no plugin has that split."""
+    dataset = plugins.first("plait_build_dataset", config=config, split=split)
+    if dataset is None:
+        if split == "train":
+            raise PluginError("no plugin provides a data set; add one (spoken_digits, manifest) to plugins:")
+        return None
+    for attribute in ("classes", "modalities", "collate_fn"):
+        if not hasattr(dataset, attribute):
+            raise PluginError(f"the {split} data set {type(dataset).__name__} has no '{attribute}' attribute")
+    if len(dataset) == 0:
+        raise DataError(f"the {split} split of {type(dataset).__name__} is empty")
+    transforms = [t for result in plugins.call_each("plait_sample_transforms", config=config, split=split).values()
+                  for t in (result or [])]
+    wrapped = TransformedDataset(dataset, transforms)
+    wrapped.classes, wrapped.modalities, wrapped.collate_fn = dataset.classes, dataset.modalities, dataset.collate_fn
+    wrapped.info = getattr(dataset, "info", {})
+    return wrapped
+
+
+def make_loader(dataset: Any, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn,
+        num_workers=workers, generator=generator, persistent_workers=workers > 0,
+    )
+
+
+def move(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move(v, device) for k, v in batch.items()}
+    return batch
+
+
+def only_modalities(batch: dict, keep: set[str]) -> dict:
+    """``batch`` as if its samples had only the modalities in ``keep``."""
+    present = {m: (mask if m in keep else torch.zeros_like(mask)) for m, mask in batch["present"].items()}
+    return {**batch, "present": present}
+
+
+def loss_terms(state: RunState, batch: dict, outputs: dict) -> dict[str, torch.Tensor]:
+    terms: dict[str, torch.Tensor] = {}
+    for plugin, result in state.plugins.call_each("plait_loss_terms", state=state, batch=batch, outputs=outputs).items():
+        for name, value in (result or {}).items():
+            if name in terms:
+                raise PluginError(f"plugin '{plugin}' returned loss term '{name}', which another plugin returned too")
+            terms[name] = value
+    if not terms:
+        raise PluginError("no plugin returned a loss term; add 'fusion' (cross-entropy) to plugins:")
+    return terms
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(state: RunState, loader: DataLoader, keep: set[str] | None = None) -> dict[str, float]:
+    """Accuracy and loss of ``state.model`` on ``loader``, optionally with only ``keep`` modalities."""
+    model = state.model
+    was_training = model.training
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for batch in loader:
+        batch = move(batch, state.device)
+        if keep is not None:
+            batch = only_modalities(batch, keep)
+        outputs = model(batch)
+        logits, labels = outputs["logits"].float(), batch["label"]
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+        total += labels.numel()
+        state.plugins.call_each("plait_eval_batch", state=state, batch=batch, outputs=outputs)
+    model.train(was_training)
+    metrics = {"accuracy": correct / max(1, total), "loss": loss_sum / max(1, total), "samples": total}
+    for extra in state.plugins.call_each("plait_eval_metrics", state=state).values():
+        metrics.update(extra or {})
+    return metrics
+
+
+def evaluate_by_modality(state: RunState, loader: DataLoader) -> dict[str, dict[str, float]]:
+    """Metrics for all modalities together ("fused") and for each modality alone."""
+    results = {"fused": evaluate(state, loader)}
+    for modality in state.modalities:
+        results[modality] = evaluate(state, loader, keep={modality})
+    return results
+
+
+def log_metrics(state: RunState, metrics: dict[str, Any]) -> None:
+    """Append a row to ``metrics.jsonl`` and hand it to the logger plugins (main process only)."""
+    if not state.is_main:
+        return
+    row = {"step": state.step, "epoch": state.epoch, **metrics}
+    with open(state.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+    state.plugins.call_each("plait_log_metrics", metrics=row, step=state.step, state=state)
+
+
+def _trainer_state(state: RunState) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "rng": _rng_state(),
+        "plugins": {k: v for k, v in state.plugins.call_each("plait_state_dict", state=state).items() if v is not None},
+    }
+
+
+def _restore(state: RunState, saved: dict[str, Any]) -> None:
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.step, state.epoch = int(saved["step"]), int(saved["epoch"]) + 1
+    _set_rng_state(saved["rng"])
+    for name, data in saved.get("plugins", {}).items():
+        state.plugins.call_one(name, "plait_load_state_dict", state=state, data=data)
+
+
+def _rng_state() -> dict[str, Any]:
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}}
+
+
+def _set_rng_state(saved: dict[str, Any]) -> None:
+    torch.set_rng_state(saved["torch"])
+    random.setstate((3, tuple(int(x) for x in saved["python"]), None))
+    np_state = saved["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached"]))
+
+
+def run_dir_for(config: PlaitConfig) -> Path:
+    return Path(config.run.runs_dir) / config.run.name
+
+
+def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) -> RunState:
+    """Train ``config`` with ``plugins`` and evaluate on the test split.
+
+    Running a run name whose folder holds a checkpoint continues from that checkpoint.
+    """
+    dist = dist or Distributed()
+    run = config.run
+    seed_everything(run.seed)
+    device = pick_device(run.device)
+    run_dir = run_dir_for(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    train_set = build_dataset(plugins, config, "train")
+    val_set = build_dataset(plugins, config, "val")
+    test_set = build_dataset(plugins, config, "test")
+    modalities = tuple(train_set.modalities)
+    model = build_model(plugins, config, modalities, len(train_set.classes)).to(device)
+    model = dist.prepare_model(model)
+
+    train_loader = dist.prepare_loader(make_loader(train_set, run.batch_size, True, run.seed, run.loader_workers))
+    eval_loaders = {
+        split: dist.prepare_loader(make_loader(ds, run.eval_batch_size, False, run.seed, run.loader_workers))
+        for split, ds in (("val", val_set), ("test", test_set)) if ds is not None
+    }
+    steps_per_epoch = len(train_loader)
+    total_steps = min(run.max_steps or math.inf, run.epochs * steps_per_epoch)
+    # fused: one kernel for all parameters (the per-tensor loop costs ~25 ms a step on CPU)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, run.warmup_steps, total_steps, run.schedule)
+    )
+    state = RunState(
+        config=config, plugins=plugins, run_dir=run_dir, device=device, classes=list(train_set.classes),
+        modalities=tuple(m for m in modalities if m in getattr(model, "encoders", {m: None})),
+        model=model, optimizer=optimizer, scheduler=scheduler, total_steps=int(total_steps),
+        steps_per_epoch=steps_per_epoch, rank=dist.rank, world_size=dist.world_size,
+    )
+    newest = checkpoint.latest(run_dir / "checkpoints")
+    if newest is not None:
+        _restore(state, checkpoint.load(newest, model, device))
+    if state.is_main:
+        (run_dir / "config.yaml").write_text(config.to_yaml())
+        info = {"classes": state.classes, "modalities": list(state.modalities), "data": train_set.info}
+        (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1))
+
+    plugins.call_each("plait_fit_start", state=state)
+    started = time.perf_counter()
+    samples_seen = 0
+    while state.epoch < run.epochs and state.step < total_steps:
+        plugins.call_each("plait_epoch_start", state=state)
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(state.epoch)
+        if train_loader.generator is not None:  # same shuffle per epoch after a resume
+            train_loader.generator.manual_seed(run.seed + state.epoch)
+        model.train()
+        window_start, window_samples = time.perf_counter(), 0
+        for batch in train_loader:
+            batch = move(batch, device)
+            plugins.call_each("plait_batch_start", state=state, batch=batch)
+            outputs = model(batch)
+            terms = loss_terms(state, batch, outputs)
+            loss = torch.stack([t.float() for t in terms.values()]).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            plugins.call_each("plait_after_backward", state=state)
+            if run.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), run.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            size = batch["label"].shape[0]
+            samples_seen += size
+            window_samples += size
+            plugins.call_each("plait_batch_end", state=state, batch=batch, outputs=outputs, loss=loss)
+            if state.step % run.log_every == 0:
+                now = time.perf_counter()
+                state.metrics["train"] = {
+                    "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": window_samples * dist.world_size / max(now - window_start, 1e-9),
+                }
+                window_start, window_samples = now, 0
+                log_metrics(state, {"split": "train", **state.metrics["train"]})
+            if state.step >= total_steps:
+                break
+        if "val" in eval_loaders:
+            state.metrics["val"] = evaluate(state, eval_loaders["val"])
+            log_metrics(state, {"split": "val", **state.metrics["val"]})
+        plugins.call_each("plait_epoch_end", state=state)
+        if state.is_main:
+            checkpoint.save(run_dir / "checkpoints", state.step, _unwrap(model), _trainer_state(state),
+                            run.keep_checkpoints)
+        state.epoch += 1
+    train_seconds = time.perf_counter() - started
+
+    results: dict[str, Any] = {"world_size": dist.world_size, "steps": state.step,
+                               "train_seconds": round(train_seconds, 2),
+                               "samples_per_s": round(samples_seen * dist.world_size / max(train_seconds, 1e-9), 1)}
+    if "val" in state.metrics:
+        results["val"] = state.metrics["val"]
+    if "test" in eval_loaders:
+        state.metrics["test"] = results["test"] = evaluate_by_modality(state, eval_loaders["test"])
+    if state.is_main:
+        _write_json_atomic(run_dir / "metrics.json", results)
+    plugins.call_each("plait_fit_end", state=state)
+    return state
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside a DDP/FSDP wrapper (checkpoints hold the plain weights)."""
+    return getattr(model, "module", model)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

@@ -1,0 +1,79 @@
+"""The model every run trains: one encoder per modality, a fusion module and a head.
+
+The parts come from plugins; this module only wires them, so that a sample lacking a
+modality never runs through that modality's encoder.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PlaitConfig
+from .errors import PluginError
+from .manager import Plugins
+
+log = logging.getLogger("plait")
+
+
+def select_rows(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The rows ``rows`` of a collated modality dict (tensors and lists alike)."""
+    out: dict[str, Any] = {}
+    index = None
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.index_select(0, rows)
+        else:
+            index = rows.tolist() if index is None else index
+            out[key] = [value[i] for i in index]
+    return out
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, encoders: dict[str, nn.Module], fusion: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.fusion = fusion
+        self.head = head
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        present: dict[str, torch.Tensor] = batch["present"]
+        size = batch["label"].shape[0]
+        embeddings = {}
+        for modality, encoder in self.encoders.items():
+            mask = present[modality]
+            rows = mask.nonzero().squeeze(1)
+            encoded = encoder(select_rows(batch["inputs"][modality], rows)) if rows.numel() else None
+            emb = torch.zeros(size, encoder.out_dim, device=mask.device,
+                              dtype=encoded.dtype if encoded is not None else torch.float32)
+            embeddings[modality] = emb.index_copy(0, rows, encoded) if encoded is not None else emb
+        outputs = self.fusion(embeddings, {m: present[m] for m in self.encoders})
+        outputs["logits"] = self.head(outputs["fused"])
+        return outputs
+
+
+def build_model(plugins: Plugins, config: PlaitConfig, modalities: tuple[str, ...], num_classes: int) -> nn.Module:
+    """Ask the plugins for encoders, fusion and head, then let them rewrite the result."""
+    encoders = {}
+    for modality in modalities:
+        encoder = plugins.first("plait_build_encoder", modality=modality, config=config)
+        if encoder is None:
+            log.warning("no plugin encodes modality '%s'; it is ignored", modality)
+            continue
+        encoders[modality] = encoder
+    if not encoders:
+        raise PluginError(
+            f"no plugin builds an encoder for the data's modalities {list(modalities)}; "
+            "add text_encoder, image_encoder or audio_encoder to plugins:"
+        )
+    dims = {m: int(e.out_dim) for m, e in encoders.items()}
+    fusion = plugins.first("plait_build_fusion", config=config, dims=dims)
+    if fusion is None:
+        raise PluginError("no plugin builds a fusion module; add 'fusion' to plugins:")
+    head = plugins.first("plait_build_head", config=config, in_dim=int(fusion.out_dim), num_classes=num_classes)
+    if head is None:
+        raise PluginError("no plugin builds a classification head; add 'fusion' to plugins:")
+    model = MultimodalModel(encoders, fusion, head)
+    return plugins.chain("plait_configure_model", "model", model=model, config=config)

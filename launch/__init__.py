@@ -1,0 +1,1 @@
+"""The command line and runners: everything that starts plait from outside."""

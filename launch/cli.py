@@ -1,0 +1,150 @@
+"""The ``plait`` command line.
+
+Errors caused by input (config, data, plugins) print as one line and exit with code 2;
+``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from plait.core import __version__
+from plait.core.config import PlaitConfig, load_config, resolve
+from plait.core.errors import ConfigError, PlaitError
+from plait.core.manager import Plugins, list_plugins
+
+EXIT_USAGE = 2
+
+
+def prepare(data: dict[str, Any], source: str) -> tuple[PlaitConfig, Plugins]:
+    """Load the plugins a raw config names and validate it against their schemas."""
+    plugins = Plugins().load(data["plugins"])
+    schemas = plugins.call_each("plait_config_schema")
+    return resolve(data, schemas, source), plugins
+
+
+def load(path: str, overrides: list[str]) -> tuple[PlaitConfig, Plugins]:
+    return prepare(load_config(path, overrides), str(path))
+
+
+def print_results(title: str, results: dict[str, dict[str, float]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("modalities")
+    table.add_column("accuracy", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("samples", justify="right")
+    for name, metrics in results.items():
+        table.add_row(name, f"{metrics['accuracy']:.4f}", f"{metrics['loss']:.4f}", str(metrics["samples"]))
+    Console().print(table)
+
+
+# ------------------------------------------------------------------ commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from plait.core.loop import fit
+
+    config, plugins = load(args.config, args.overrides)
+    if config.scaling.num_workers > 0:
+        raise ConfigError(
+            f"{args.config}: scaling.num_workers={config.scaling.num_workers}: the Ray Train runner is not part of "
+            "this version; use scaling.num_workers=0 (in-process)"
+        )
+    state = fit(config, plugins)
+    if "test" in state.metrics:
+        print_results(f"test accuracy — {state.run_dir}", state.metrics["test"])
+    print(f"run folder: {state.run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from plait.launch.evaluate import evaluate_run
+
+    keep = [m.strip() for m in args.modalities.split(",") if m.strip()] if args.modalities else None
+    metrics = evaluate_run(Path(args.run_dir), data=args.data, modalities=keep)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print_results(f"{args.run_dir} ({', '.join(metrics['modalities'])})", {"result": metrics})
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    infos = list_plugins()
+    if args.json:
+        print(json.dumps([vars(i) for i in infos], indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="plait plugins")
+    for column in ("name", "source", "version", "status", "hooks"):
+        table.add_column(column)
+    for info in infos:
+        status = info.status if not info.error else f"{info.status}: {info.error}"
+        table.add_row(info.name, info.source, info.version or "", status, ", ".join(info.hooks))
+    Console().print(table)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config, _ = load(args.config, args.overrides)
+    print(config.to_yaml(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plait", description="Plugin-based multimodal training.")
+    parser.add_argument("--version", action="version", version=f"plait {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of input errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a YAML plugin set")
+    train.add_argument("config")
+    train.add_argument("overrides", nargs="*", metavar="key.path=value")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a run folder")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--data", help="a CSV/JSONL manifest to evaluate on instead of the run's test split")
+    evaluate.add_argument("--modalities", help="comma list: use only these modalities (e.g. audio,image)")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    evaluate.set_defaults(func=cmd_eval)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(func=cmd_plugins)
+
+    config = sub.add_parser("config", help="print the resolved config")
+    config.add_argument("config")
+    config.add_argument("overrides", nargs="*", metavar="key.path=value")
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="plait: %(levelname)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return args.func(args)
+    except PlaitError as exc:
+        if args.debug:
+            raise
+        print(f"plait: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("plait: interrupted", file=sys.stderr)
+        return 130
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

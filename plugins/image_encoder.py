@@ -1,0 +1,50 @@
+"""Image encoder: any timm model by name, built from its config (``pretrained=False``)."""
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from plait.core.config import Options
+from plait.core.errors import nearest
+from plait.core.hookspecs import hookimpl
+
+
+class ImageEncoderOptions(Options):
+    timm: str = Field("resnet18", description="a timm model name (`timm.list_models()`)")
+    in_chans: int = Field(1, ge=1)
+    timm_kwargs: dict[str, Any] = {}
+
+    @field_validator("timm")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if not timm.is_model(name):
+            raise ValueError(f"unknown timm model{nearest(name, timm.list_models())}")
+        return name
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, options: ImageEncoderOptions) -> None:
+        super().__init__()
+        self.model = timm.create_model(
+            options.timm, pretrained=False, num_classes=0, in_chans=options.in_chans, **options.timm_kwargs
+        )
+        self.out_dim = self.model.num_features
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        return self.model(inputs["image"])
+
+
+@hookimpl
+def plait_config_schema():
+    return ImageEncoderOptions
+
+
+@hookimpl
+def plait_build_encoder(modality, config):
+    if modality == "image":
+        return ImageEncoder(config.options(ImageEncoderOptions))
+    return None

@@ -1,0 +1,142 @@
+"""manifest: bring your own data as CSV or JSONL.
+
+Columns: ``image`` and ``audio`` (file paths, relative to the manifest's folder),
+``text`` (inline text), ``label`` (class name or number), optional ``id``. Any modality
+may be empty on any row. Rows are checked when the data set is built (files exist, a
+label is there, at least one modality); files are decoded when a sample is read, and an
+unreadable one is reported with its manifest row.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from pydantic import Field
+from torch.utils.data import Dataset
+
+from plait.core.config import Options
+from plait.core.errors import DataError, nearest
+from plait.core.hookspecs import hookimpl
+from plait.modalities import MODALITIES
+from plait.modalities.audio import load_audio
+from plait.modalities.batch import collate
+from plait.modalities.image import load_image
+
+FILE_COLUMNS = ("image", "audio")
+
+
+class ManifestOptions(Options):
+    train: str | None = Field(None, description="CSV or JSONL manifest of the training split")
+    val: str | None = None
+    test: str | None = None
+    classes: list[str] | None = Field(None, description="class names in label order; default: sorted labels")
+    image_size: int = Field(32, ge=4)
+    image_channels: int = Field(1, ge=1, le=4)
+
+
+def read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs of a CSV or JSONL manifest."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: manifest not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read manifest: {exc}") from None
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{number}: not a JSON object: {exc.msg}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
+        return rows
+    reader = csv.DictReader(text.splitlines())
+    if reader.fieldnames is None:
+        return []
+    unknown = [c for c in reader.fieldnames if c not in (*MODALITIES, "label", "id")]
+    if unknown:
+        raise DataError(f"{path}: unknown column '{unknown[0]}'{nearest(unknown[0], (*MODALITIES, 'label', 'id'))}")
+    return [(reader.line_num, row) for row in reader]
+
+
+def _sort_key(label: str):
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
+class Manifest(Dataset):
+    collate_fn = staticmethod(collate)
+
+    def __init__(self, path: Path, options: ManifestOptions, classes: list[str] | None = None) -> None:
+        self.path = path
+        self.options = options
+        rows = read_rows(path)
+        if not rows:
+            raise DataError(f"{path}: the manifest has no rows")
+        self.rows = []
+        for number, row in rows:
+            where = f"{path}:{number}"
+            label = str(row.get("label") if row.get("label") is not None else "").strip()
+            if not label:
+                raise DataError(f"{where}: row has no label")
+            entry = {"id": str(row.get("id") or where), "label": label, "where": where}
+            for modality in MODALITIES:
+                value = row.get(modality)
+                value = str(value).strip() if value is not None else ""
+                if value and modality in FILE_COLUMNS:
+                    file = (path.parent / value)
+                    if not file.is_file():
+                        raise DataError(f"{where}: {modality} file '{value}' not found (looked in {file.parent})")
+                    value = str(file)
+                entry[modality] = value or None
+            if all(entry[m] is None for m in MODALITIES):
+                raise DataError(f"{where}: row has no image, audio or text")
+            self.rows.append(entry)
+        self.classes = classes or sorted({r["label"] for r in self.rows}, key=_sort_key)
+        index = {name: i for i, name in enumerate(self.classes)}
+        for entry in self.rows:
+            if entry["label"] not in index:
+                raise DataError(f"{entry['where']}: unknown label '{entry['label']}'{nearest(entry['label'], index)}; "
+                                f"classes are {self.classes}")
+            entry["label"] = index[entry["label"]]
+        self.modalities = tuple(m for m in MODALITIES if any(r[m] is not None for r in self.rows))
+        self.info = {"image_shape": [options.image_channels, options.image_size, options.image_size]}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.rows[index]
+        sample = {"id": entry["id"], "label": entry["label"], "text": entry["text"], "image": None, "audio": None}
+        try:
+            if entry["image"]:
+                size = self.options.image_size
+                sample["image"] = load_image(entry["image"], (size, size), self.options.image_channels)
+            if entry["audio"]:
+                sample["audio"] = load_audio(entry["audio"])
+        except DataError as exc:
+            raise DataError(f"{entry['where']}: {exc}") from None
+        return sample
+
+
+@hookimpl
+def plait_config_schema():
+    return ManifestOptions
+
+
+@hookimpl
+def plait_build_dataset(config, split):
+    options = config.options(ManifestOptions)
+    path = getattr(options, split)
+    if path is None:
+        return None
+    classes = options.classes
+    if classes is None and split != "train" and options.train:  # label order of the training split
+        labels = {str(row.get("label", "")).strip() for _, row in read_rows(Path(options.train))}
+        classes = sorted(labels - {""}, key=_sort_key)
+    return Manifest(Path(path), options, classes)

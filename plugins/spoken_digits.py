@@ -1,0 +1,286 @@
+"""spoken_digits: a built-in three-modality data set that needs no download.
+
+- image: real handwritten digits (scikit-learn's bundled 8x8 digits, upscaled to 32x32);
+- audio: the digit's name spoken by espeak-ng (the library and voices that the PyPI
+  package ``espeakng-loader`` carries) in several languages, with varied voices, speed,
+  pitch and intonation; validation and test use voice variants that training never hears;
+- text: the digit's name in one of those languages, with typos and case noise.
+
+Each modality of a sample is, independently, clean, corrupted (unreadable) or missing,
+and every sample keeps at least one clean modality: no single modality suffices, the
+fused model can be right on nearly every sample. Everything derives from ``seed``;
+the synthesized audio is cached (``$PLAIT_CACHE`` or ~/.cache/plait).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch.utils.data import Dataset
+
+from plait.core.config import Options
+from plait.core.errors import DataError
+from plait.core.hookspecs import hookimpl
+from plait.modalities import MODALITIES
+from plait.modalities.audio import add_noise, resample, trim_silence
+from plait.modalities.batch import collate
+from plait.modalities.text import add_typos, random_case
+
+WORDS = {
+    "en": "zero one two three four five six seven eight nine",
+    "de": "null eins zwei drei vier fünf sechs sieben acht neun",
+    "fr": "zéro un deux trois quatre cinq six sept huit neuf",
+    "es": "cero uno dos tres cuatro cinco seis siete ocho nueve",
+    "nl": "nul een twee drie vier vijf zes zeven acht negen",
+    "pt": "zero um dois três quatro cinco seis sete oito nove",
+    "it": "zero uno due tre quattro cinque sei sette otto nove",
+    "sv": "noll ett två tre fyra fem sex sju åtta nio",
+}
+# espeak-ng voices (accents) per language; each rendering picks one.
+ACCENTS = {
+    "en": ["en-US", "en", "en-GB-scotland", "en-GB-x-rp", "en-029", "en-US-nyc", "en-GB-x-gbclan"],
+    "de": ["de"], "fr": ["fr", "fr-BE", "fr-CH"], "es": ["es", "es-419"], "nl": ["nl"],
+    "pt": ["pt", "pt-BR"], "it": ["it"], "sv": ["sv"],
+}
+SPLITS = ("train", "val", "test")
+CACHE_VERSION = 2
+
+
+class SpokenDigitsOptions(Options):
+    languages: list[str] = list(WORDS)
+    train_size: int = Field(6000, ge=10)
+    val_size: int = Field(1000, ge=10)
+    test_size: int = Field(2000, ge=10)
+    renderings: int = Field(30, ge=1, description="train audio clips per language and digit")
+    eval_renderings: int = Field(8, ge=1, description="val/test audio clips per language and digit")
+    p_missing: float = Field(0.25, ge=0, lt=1)
+    p_corrupt: float = Field(0.15, ge=0, lt=1)
+    typo_rate: float = Field(0.06, ge=0, lt=1)
+    seed: int = 0
+    cache_dir: str | None = None
+
+    @field_validator("languages")
+    @classmethod
+    def _known_languages(cls, languages: list[str]) -> list[str]:
+        unknown = [lang for lang in languages if lang not in WORDS]
+        if unknown or not languages:
+            raise ValueError(f"languages must be a non-empty subset of {sorted(WORDS)}; unknown: {unknown}")
+        return languages
+
+
+# ----------------------------------------------------------------- espeak-ng
+class Espeak:
+    """Minimal ctypes binding of libespeak-ng in synchronous mode (one per process)."""
+
+    _instance: "Espeak | None" = None
+
+    def __init__(self) -> None:
+        import espeakng_loader
+
+        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self.rate = self.lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)
+        if self.rate <= 0:
+            raise DataError("espeak-ng failed to initialise (espeakng-loader's library or data)")
+        self._chunks: list[np.ndarray] = []
+        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+        self._callback = callback_type(self._collect)  # keep a reference: C holds a pointer
+        self.lib.espeak_SetSynthCallback(self._callback)
+        self.variants = sorted(p.name for p in (Path(espeakng_loader.get_data_path()) / "voices" / "!v").iterdir())
+
+    @classmethod
+    def get(cls) -> "Espeak":
+        if cls._instance is None:
+            cls._instance = Espeak()
+        return cls._instance
+
+    def _collect(self, wav, count, events) -> int:  # noqa: ANN001 - C callback
+        if count > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
+        return 0
+
+    def say(self, text: str, voice: str, words_per_minute: int, pitch: int, pitch_range: int) -> np.ndarray:
+        """float32 waveform at ``self.rate`` Hz."""
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise DataError(f"espeak-ng has no voice '{voice}'")
+        for parameter, value in ((1, words_per_minute), (3, pitch), (4, pitch_range)):
+            self.lib.espeak_SetParameter(parameter, value, 0)
+        self._chunks = []
+        data = text.encode()
+        self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)
+        self.lib.espeak_Synchronize()
+        if not self._chunks:
+            return np.zeros(1, np.float32)
+        return np.concatenate(self._chunks).astype(np.float32) / 32768.0
+
+
+# ------------------------------------------------------------------ building
+def _voice_split(variants: list[str], seed: int) -> dict[str, list[str]]:
+    """Voice variants for training, and disjoint ones for validation and test."""
+    shuffled = variants[:]
+    random.Random(seed).shuffle(shuffled)
+    cut = len(shuffled) * 7 // 10
+    held_out = shuffled[cut:]
+    return {"train": shuffled[:cut], "val": held_out[::2], "test": held_out[1::2]}
+
+
+def _synthesize(options: SpokenDigitsOptions) -> dict[str, np.ndarray]:
+    espeak = Espeak.get()
+    voices = _voice_split(espeak.variants, options.seed)
+    rng = random.Random(options.seed)
+    waves, labels, splits = [], [], []
+    for split in SPLITS:
+        count = options.renderings if split == "train" else options.eval_renderings
+        for lang in options.languages:
+            for digit, word in enumerate(WORDS[lang].split()):
+                for _ in range(count):
+                    voice = f"{rng.choice(ACCENTS[lang])}+{rng.choice(voices[split])}"
+                    wave = espeak.say(word, voice, rng.randint(110, 230), rng.randint(15, 85), rng.randint(20, 90))
+                    waves.append(trim_silence(resample(torch.from_numpy(wave), espeak.rate)).numpy())
+                    labels.append(digit)
+                    splits.append(SPLITS.index(split))
+    offsets = np.cumsum([0] + [len(w) for w in waves])
+    return {"clips": np.concatenate(waves).astype(np.float32), "clip_offsets": offsets,
+            "clip_labels": np.array(labels), "clip_splits": np.array(splits)}
+
+
+def _image_pools(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """sklearn's digits: images [N, 8, 8] in 0..16, labels, and a split index per image."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.target))
+    split = np.empty(len(order), dtype=np.int64)
+    split[order[: len(order) * 6 // 10]] = 0
+    split[order[len(order) * 6 // 10: len(order) * 8 // 10]] = 1
+    split[order[len(order) * 8 // 10:]] = 2
+    return digits.images.astype(np.float32), digits.target, split
+
+
+def _sample_table(options: SpokenDigitsOptions, split: str, clip_labels, clip_splits, image_labels,
+                  image_splits) -> dict[str, np.ndarray]:
+    """Which image, clip and text each sample has, and the state of each modality:
+    0 clean, 1 corrupted, 2 missing."""
+    index = SPLITS.index(split)
+    size = {"train": options.train_size, "val": options.val_size, "test": options.test_size}[split]
+    rng = np.random.default_rng([options.seed, index])
+    text_rng = random.Random(options.seed * 3 + index)
+    clips_by_digit = [np.flatnonzero((clip_labels == d) & (clip_splits == index)) for d in range(10)]
+    images_by_digit = [np.flatnonzero((image_labels == d) & (image_splits == index)) for d in range(10)]
+    labels = rng.integers(0, 10, size)
+    p = [1 - options.p_missing - options.p_corrupt, options.p_corrupt, options.p_missing]
+    modality_state = rng.choice(3, size=(size, len(MODALITIES)), p=p)
+    for row in np.flatnonzero((modality_state != 0).all(axis=1)):  # keep one clean modality
+        modality_state[row, rng.integers(len(MODALITIES))] = 0
+    texts = []
+    for label in labels:
+        lang = text_rng.choice(options.languages)
+        word = WORDS[lang].split()[label]
+        texts.append(random_case(add_typos(word, text_rng, options.typo_rate), text_rng))
+    return {
+        "labels": labels,
+        "state": modality_state,
+        "images": np.array([rng.choice(images_by_digit[d]) for d in labels]),
+        "clips": np.array([rng.choice(clips_by_digit[d]) for d in labels]),
+        "texts": np.array(texts),
+        "seeds": rng.integers(0, 2**31, size),
+    }
+
+
+AUDIO_KEYS = ("languages", "renderings", "eval_renderings", "seed")
+
+
+def cache_path(options: SpokenDigitsOptions) -> Path:
+    """Where the synthesized clips live; only the options that shape the audio key it."""
+    root = Path(options.cache_dir or os.environ.get("PLAIT_CACHE") or Path.home() / ".cache" / "plait")
+    spec = options.model_dump(include=set(AUDIO_KEYS)) | {"version": CACHE_VERSION}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    return root / f"spoken_digits-{digest}.npz"
+
+
+def load_clips(options: SpokenDigitsOptions) -> dict[str, np.ndarray]:
+    """The synthesized clips, from the cache or synthesized (and cached) now."""
+    path = cache_path(options)
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return dict(data)
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)  # a damaged cache is rebuilt, not trusted
+    arrays = _synthesize(options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return arrays
+
+
+# ------------------------------------------------------------------- dataset
+class SpokenDigits(Dataset):
+    classes = [str(d) for d in range(10)]
+    modalities = MODALITIES
+    collate_fn = staticmethod(collate)
+
+    def __init__(self, options: SpokenDigitsOptions, split: str) -> None:
+        clips = load_clips(options)
+        images, image_labels, image_splits = _image_pools(options.seed)
+        self.images = F.interpolate(torch.from_numpy(images / 16.0).unsqueeze(1), size=(32, 32), mode="bilinear",
+                                    align_corners=False)
+        self.clips, self.offsets = torch.from_numpy(clips["clips"]), clips["clip_offsets"]
+        self.table = _sample_table(options, split, clips["clip_labels"], clips["clip_splits"], image_labels,
+                                   image_splits)
+        self.split = split
+        self.info = {"image_shape": [1, 32, 32], "languages": options.languages}
+
+    def __len__(self) -> int:
+        return len(self.table["labels"])
+
+    def __getitem__(self, index: int) -> dict:
+        state = self.table["state"][index]
+        generator = torch.Generator().manual_seed(int(self.table["seeds"][index]))
+        sample: dict = {"id": f"{self.split}-{index}", "label": int(self.table["labels"][index])}
+        for column, modality in enumerate(MODALITIES):
+            if state[column] == 2:
+                sample[modality] = None
+                continue
+            value = self._clean(modality, index)
+            sample[modality] = self._corrupt(modality, value, generator) if state[column] == 1 else value
+        return sample
+
+    def _clean(self, modality: str, index: int):
+        if modality == "text":
+            return str(self.table["texts"][index])
+        if modality == "image":
+            return self.images[int(self.table["images"][index])].clone()
+        clip = int(self.table["clips"][index])
+        return self.clips[self.offsets[clip]: self.offsets[clip + 1]].clone()
+
+    @staticmethod
+    def _corrupt(modality: str, value, generator: torch.Generator):
+        """Make a modality unreadable: the sample's label can no longer be read from it."""
+        if modality == "text":
+            letters = "abcdefghijklmnopqrstuvwxyz"
+            picks = torch.randint(len(letters), (max(3, len(value)),), generator=generator)
+            return "".join(letters[i] for i in picks.tolist())
+        if modality == "image":
+            noise = torch.rand(value.shape, generator=generator)
+            return (0.15 * value + 0.85 * noise).clamp(0, 1)
+        exponent = float(torch.randint(3, (), generator=generator))
+        return add_noise(value, snr_db=-15.0, exponent=exponent, generator=generator)
+
+
+@hookimpl
+def plait_config_schema():
+    return SpokenDigitsOptions
+
+
+@hookimpl
+def plait_build_dataset(config, split):
+    return SpokenDigits(config.options(SpokenDigitsOptions), split)

@@ -1,0 +1,37 @@
+import torch
+
+from plait.core import checkpoint
+
+
+def test_flatten_roundtrip_keeps_structure_and_tensors():
+    state = {"a": torch.arange(3), "b": [1, {"c": torch.ones(2, 2)}, "x"], "d": {"e": 1.5, "f": None}}
+    tensors: dict = {}
+    skeleton = checkpoint.flatten(state, tensors)
+    assert len(tensors) == 2
+    back = checkpoint.unflatten(skeleton, tensors)
+    assert torch.equal(back["a"], state["a"]) and torch.equal(back["b"][1]["c"], state["b"][1]["c"])
+    assert back["b"][0] == 1 and back["b"][2] == "x" and back["d"] == state["d"]
+
+
+def test_save_is_atomic_and_keeps_the_newest(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    folder = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        checkpoint.save(folder, step, model, {"step": step, "extra": torch.tensor([step])}, keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(folder)] == ["step-00000002", "step-00000003"]
+    (folder / ".tmp-step-00000004-99").mkdir()  # an interrupted write is never taken for a checkpoint
+    assert checkpoint.latest(folder).name == "step-00000003"
+    fresh = torch.nn.Linear(3, 2)
+    saved = checkpoint.load(checkpoint.latest(folder), fresh)
+    assert saved["step"] == 3 and saved["extra"].tolist() == [3]
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_loading_into_a_different_model_is_a_clear_error(tmp_path):
+    import pytest
+
+    from plait.core.errors import DataError
+
+    checkpoint.save(tmp_path, 1, torch.nn.Linear(3, 2), {}, keep=1)
+    with pytest.raises(DataError, match="do not fit"):
+        checkpoint.load(checkpoint.latest(tmp_path), torch.nn.Linear(4, 2))

@@ -1,0 +1,127 @@
+import textwrap
+
+import pytest
+
+from plait.core.errors import PluginError
+from plait.core.manager import Plugins, list_plugins
+
+RECORDING_PLUGIN = """
+from plait.core.hookspecs import hookimpl
+CALLS = []
+
+@hookimpl
+def plait_fit_start(state):
+    state.append(("start", "{name}"))
+
+@hookimpl
+def plait_fit_end(state):
+    state.append(("end", "{name}"))
+
+@hookimpl
+def plait_build_head(config, in_dim, num_classes):
+    return "{name}"
+"""
+
+
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def make(module: str, source: str) -> str:
+        (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
+        return module
+
+    return make
+
+
+def test_start_hooks_in_yaml_order_end_hooks_reversed(plugin_dir):
+    names = [plugin_dir(f"rec_{n}", RECORDING_PLUGIN.replace("{name}", n)) for n in ("a", "b", "c")]
+    plugins = Plugins().load(names)
+    calls: list = []
+    plugins.call_each("plait_fit_start", state=calls)
+    plugins.call_each("plait_fit_end", state=calls)
+    assert calls == [("start", "a"), ("start", "b"), ("start", "c"), ("end", "c"), ("end", "b"), ("end", "a")]
+    # first-result hooks: the first plugin in YAML order wins
+    assert plugins.first("plait_build_head", config=None, in_dim=1, num_classes=2) == "a"
+
+
+def test_chain_passes_each_result_on(plugin_dir):
+    for n in ("x", "y"):
+        plugin_dir(f"chain_{n}", f"""
+            from plait.core.hookspecs import hookimpl
+            @hookimpl
+            def plait_configure_model(model, config):
+                return model + ["{n}"]
+        """)
+    plugin_dir("chain_none", """
+        from plait.core.hookspecs import hookimpl
+        @hookimpl
+        def plait_configure_model(model, config):
+            model.append("in-place")
+    """)
+    plugins = Plugins().load(["chain_x", "chain_none", "chain_y"])
+    assert plugins.chain("plait_configure_model", "model", model=[], config=None) == ["x", "in-place", "y"]
+
+
+def test_unknown_builtin_name_suggests_nearest():
+    with pytest.raises(PluginError, match="unknown plugin 'fusoin'.*did you mean 'fusion'"):
+        Plugins().load(["fusoin"])
+
+
+def test_plugin_that_fails_to_import_is_named(plugin_dir):
+    plugin_dir("broken_plugin", "import not_a_module_anywhere\n")
+    with pytest.raises(PluginError, match="plugin 'broken_plugin' failed to import: ModuleNotFoundError"):
+        Plugins().load(["broken_plugin"])
+
+
+def test_broken_plugin_does_not_break_the_others(plugin_dir):
+    plugin_dir("broken_plugin2", "raise RuntimeError('boom')\n")
+    plugins = Plugins().load(["fusion", "augment"])  # a run that does not ask for it works
+    assert plugins.order == ["fusion", "augment"]
+    infos = {i.name: i for i in list_plugins(extra=["broken_plugin2"])}
+    assert infos["broken_plugin2"].status == "failed" and "boom" in infos["broken_plugin2"].error
+    assert infos["fusion"].status == "loaded" and infos["fusion"].source == "built-in"
+
+
+def test_unknown_hook_suggests_nearest(plugin_dir):
+    plugin_dir("typo_plugin", """
+        from plait.core.hookspecs import hookimpl
+        @hookimpl
+        def plait_fit_strat(state):
+            pass
+    """)
+    with pytest.raises(PluginError, match="unknown hook 'plait_fit_strat'.*did you mean 'plait_fit_start'"):
+        Plugins().load(["typo_plugin"])
+
+
+def test_deny_and_allow_lists(plugin_dir, monkeypatch):
+    plugin_dir("third_party", "X = 1\n")
+    monkeypatch.setenv("PLAIT_PLUGINS_DENY", "curves")
+    with pytest.raises(PluginError, match="PLAIT_PLUGINS_DENY"):
+        Plugins().load(["curves"])
+    monkeypatch.delenv("PLAIT_PLUGINS_DENY")
+    monkeypatch.setenv("PLAIT_PLUGINS_ALLOW", "")
+    with pytest.raises(PluginError, match="PLAIT_PLUGINS_ALLOW"):
+        Plugins().load(["third_party"])
+    assert Plugins().load(["curves"]).order == ["curves"]  # built-ins stay allowed
+    monkeypatch.setenv("PLAIT_PLUGINS_ALLOW", "third_party")
+    assert Plugins().load(["third_party"]).order == ["third_party"]
+
+
+def test_exception_in_a_hook_names_plugin_and_hook(plugin_dir):
+    plugin_dir("raising_plugin", """
+        from plait.core.hookspecs import hookimpl
+        @hookimpl
+        def plait_epoch_start(state):
+            raise ValueError("bad epoch")
+    """)
+    plugins = Plugins().load(["raising_plugin"])
+    with pytest.raises(ValueError) as err:
+        plugins.call_each("plait_epoch_start", state=None)
+    assert "in plugin 'raising_plugin', hook 'plait_epoch_start'" in err.value.__notes__
+
+
+def test_builtins_are_entry_points():
+    infos = {i.name: i for i in list_plugins()}
+    for name in ("spoken_digits", "manifest", "text_encoder", "image_encoder", "audio_encoder", "fusion"):
+        assert infos[name].source == "built-in" and infos[name].distribution == "plait"
