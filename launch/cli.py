@@ -125,7 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("config")
     config.add_argument("overrides", nargs="*", metavar="key.path=value")
     config.set_defaults(func=cmd_config)
+    register_plugin_commands(sub)
     return parser
+
+
+def register_plugin_commands(subparsers: Any) -> None:
+    """Let installed plugins add subcommands; one that fails is reported and skipped."""
+    for info in list_plugins():
+        if info.status != "loaded" or "plait_register_commands" not in info.hooks:
+            continue
+        try:
+            Plugins().load([info.name]).call_each("plait_register_commands", subparsers=subparsers)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
+            print(f"plait: warning: plugin '{info.name}' could not add its commands: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY_PLUGINS = {
     "spoken_digits": {"train_size": 192, "val_size": 64, "test_size": 64, "renderings": 2, "eval_renderings": 1,
-                      "languages": ["en", "de"]},
+                      "languages": ["en", "de"], "p_missing": 0.1, "p_corrupt": 0.05},
     "augment": {},
     "text_encoder": {"hidden": 32, "layers": 1, "heads": 2},
     "image_encoder": {"timm": "resnet10t", "timm_kwargs": {"channels": [8, 16, 32, 64]}},

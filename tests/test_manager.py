@@ -125,3 +125,31 @@ def test_builtins_are_entry_points():
     infos = {i.name: i for i in list_plugins()}
     for name in ("spoken_digits", "manifest", "text_encoder", "image_encoder", "audio_encoder", "fusion"):
         assert infos[name].source == "built-in" and infos[name].distribution == "plait"
+
+
+def test_plugin_commands_join_the_cli_and_a_broken_one_is_skipped(plugin_dir, monkeypatch, capsys):
+    from importlib.metadata import EntryPoint
+
+    from plait.core import manager
+    from plait.launch.cli import main
+
+    plugin_dir("hello_plugin", """
+        from plait.core.hookspecs import hookimpl
+        @hookimpl
+        def plait_register_commands(subparsers):
+            hello = subparsers.add_parser("hello")
+            hello.set_defaults(func=lambda args: print("hello from a plugin") or 0)
+    """)
+    plugin_dir("bad_commands", """
+        from plait.core.hookspecs import hookimpl
+        @hookimpl
+        def plait_register_commands(subparsers):
+            raise RuntimeError("no commands today")
+    """)
+    real = manager.discover()
+    extra = {n: EntryPoint(name=n, value=n, group="plait") for n in ("hello_plugin", "bad_commands")}
+    monkeypatch.setattr(manager, "discover", lambda: {**real, **extra})
+    assert main(["hello"]) == 0
+    captured = capsys.readouterr()
+    assert "hello from a plugin" in captured.out
+    assert "plugin 'bad_commands' could not add its commands: no commands today" in captured.err
