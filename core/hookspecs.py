@@ -49,8 +49,10 @@ def plait_build_dataset(config: PlaitConfig, split: str) -> Any:
     First non-None result wins. Items are sample dicts: ``label`` (int) and one entry per
     modality (``text``: str, ``image``: float tensor [C, H, W], ``audio``: float tensor [T]
     at 16 kHz), None where the sample lacks that modality, plus an ``id`` (str) used in
-    error messages. The data set has ``classes`` (list of class names) and
-    ``modalities`` (tuple of modality names it can provide).
+    error messages. The data set has ``classes`` (list of class names), ``modalities``
+    (tuple of modality names it can provide), ``collate_fn`` (batches its samples;
+    ``plait.modalities.batch.collate`` fits the sample format above) and optionally
+    ``info`` (a JSON-able dict saved in ``run.json``, e.g. the image shape).
     """
 
 
@@ -155,20 +157,6 @@ def plait_eval_metrics(state: RunState) -> dict[str, float] | None:
     """Return extra metrics for the evaluation that just ended, merged into the results."""
 
 
-# ------------------------------------------------------------------- compress
-@hookspec
-def plait_compress(model: torch.nn.Module, config: PlaitConfig, calibration: Any) -> torch.nn.Module:
-    """Return the model given, changed or not. Chained in plugin order (distill -> quantize).
-
-    ``calibration`` is an iterable of batches for plugins that need data (static quantization).
-    """
-
-
-@hookspec(firstresult=True)
-def plait_teacher(config: PlaitConfig) -> torch.nn.Module | None:
-    """Return a frozen teacher model for distillation, or None. First result wins."""
-
-
 # ----------------------------------------------------------------- checkpoint
 @hookspec
 def plait_state_dict(state: RunState) -> dict | None:
@@ -183,15 +171,19 @@ def plait_load_state_dict(state: RunState, data: dict) -> None:
 # --------------------------------------------------------------------- output
 @hookspec
 def plait_log_metrics(metrics: dict[str, Any], step: int, state: RunState) -> None:
-    """Record a row of metrics (loggers: console, CSV, TensorBoard). Rank 0 only."""
+    """Record a row of metrics (loggers: console, CSV, TensorBoard). Main process only.
+
+    ``metrics`` has ``split`` ("train" or "val"), ``step``, ``epoch`` and the values; the
+    core has already appended the row to ``metrics.jsonl``.
+    """
 
 
-# --------------------------------------------------------------- launch / cli
-@hookspec
-def plait_runtime_env(config: PlaitConfig) -> dict | None:
-    """Return what a Ray job needs for this plugin (``pip`` packages, ``env_vars``...)."""
-
-
+# ------------------------------------------------------------------------ cli
 @hookspec
 def plait_register_commands(subparsers: Any) -> None:
-    """Add subcommands to the ``plait`` CLI (``subparsers`` is argparse's)."""
+    """Add subcommands to the ``plait`` CLI (``subparsers`` is argparse's).
+
+    Called at every start of the CLI for each installed plugin that implements it; a
+    plugin that raises here is reported and skipped. Set ``func`` on the parser with
+    ``parser.set_defaults(func=...)``; it receives the parsed arguments and returns an exit code.
+    """

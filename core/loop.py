@@ -245,9 +245,10 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, run.warmup_steps, total_steps, run.schedule)
     )
+    encoders = getattr(_unwrap(model), "encoders", None)  # a plugin may replace the model wholesale
     state = RunState(
         config=config, plugins=plugins, run_dir=run_dir, device=device, classes=list(train_set.classes),
-        modalities=tuple(m for m in modalities if m in getattr(model, "encoders", {m: None})),
+        modalities=tuple(encoders) if encoders is not None else modalities,
         model=model, optimizer=optimizer, scheduler=scheduler, total_steps=int(total_steps),
         steps_per_epoch=steps_per_epoch, rank=dist.rank, world_size=dist.world_size,
     )

@@ -14,6 +14,7 @@ the synthesized audio is cached (``$PLAIT_CACHE`` or ~/.cache/plait).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
+from rich.console import Console
+from rich.progress import track
 from torch.utils.data import Dataset
 
 from plait.core.config import Options
@@ -135,17 +138,21 @@ def _synthesize(options: SpokenDigitsOptions) -> dict[str, np.ndarray]:
     espeak = Espeak.get()
     voices = _voice_split(espeak.variants, options.seed)
     rng = random.Random(options.seed)
-    waves, labels, splits = [], [], []
+    jobs = []
     for split in SPLITS:
         count = options.renderings if split == "train" else options.eval_renderings
         for lang in options.languages:
             for digit, word in enumerate(WORDS[lang].split()):
-                for _ in range(count):
-                    voice = f"{rng.choice(ACCENTS[lang])}+{rng.choice(voices[split])}"
-                    wave = espeak.say(word, voice, rng.randint(110, 230), rng.randint(15, 85), rng.randint(20, 90))
-                    waves.append(trim_silence(resample(torch.from_numpy(wave), espeak.rate)).numpy())
-                    labels.append(digit)
-                    splits.append(SPLITS.index(split))
+                jobs += [(split, lang, digit, word)] * count
+    waves, labels, splits = [], [], []
+    description = f"spoken_digits: synthesizing {len(jobs)} clips (once; cached)"
+    for split, lang, digit, word in track(jobs, description=description, console=Console(stderr=True),
+                                            transient=True):
+        voice = f"{rng.choice(ACCENTS[lang])}+{rng.choice(voices[split])}"
+        wave = espeak.say(word, voice, rng.randint(110, 230), rng.randint(15, 85), rng.randint(20, 90))
+        waves.append(trim_silence(resample(torch.from_numpy(wave), espeak.rate)).numpy())
+        labels.append(digit)
+        splits.append(SPLITS.index(split))
     offsets = np.cumsum([0] + [len(w) for w in waves])
     return {"clips": np.concatenate(waves).astype(np.float32), "clip_offsets": offsets,
             "clip_labels": np.array(labels), "clip_splits": np.array(splits)}
@@ -194,6 +201,13 @@ def _sample_table(options: SpokenDigitsOptions, split: str, clip_labels, clip_sp
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _read_cache(path: str) -> dict[str, np.ndarray]:
+    """Read once per process: the train, val and test splits share the clips."""
+    with np.load(path, allow_pickle=False) as data:
+        return dict(data)
+
+
 AUDIO_KEYS = ("languages", "renderings", "eval_renderings", "seed")
 
 
@@ -210,8 +224,7 @@ def load_clips(options: SpokenDigitsOptions) -> dict[str, np.ndarray]:
     path = cache_path(options)
     if path.exists():
         try:
-            with np.load(path, allow_pickle=False) as data:
-                return dict(data)
+            return _read_cache(str(path))
         except (OSError, ValueError):
             path.unlink(missing_ok=True)  # a damaged cache is rebuilt, not trusted
     arrays = _synthesize(options)
