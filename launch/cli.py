@@ -71,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics))
     else:
-        print_results(f"{args.run_dir} ({', '.join(metrics['modalities'])})", {"result": metrics})
+        print_results(str(args.run_dir), {"+".join(metrics["modalities"]): metrics})
     return 0
 
 

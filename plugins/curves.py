@@ -30,7 +30,7 @@ def plot(rows: list[dict], path) -> None:
     train = [r for r in rows if r.get("split") == "train"]
     val = [r for r in rows if r.get("split") == "val"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    left.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss (sum of terms)")
     if val:
         left.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="val loss")
         right.plot([r["step"] for r in val], [r["accuracy"] for r in val], "o-", color="tab:green")
