@@ -20,6 +20,7 @@ from .errors import DataError
 
 PREFIX = "step-"
 TENSOR_KEY = "__tensor__"
+INT_KEYS = "__int_keys__"
 
 
 def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
@@ -28,7 +29,10 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
         tensors[path] = obj.detach().cpu().contiguous()
         return {TENSOR_KEY: path}
     if isinstance(obj, dict):
-        return {str(k): flatten(v, tensors, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}
+        flat = {str(k): flatten(v, tensors, f"{path}.{k}" if path else str(k)) for k, v in obj.items()}
+        if obj and all(isinstance(k, int) for k in obj):  # optimizer state is keyed by parameter index
+            return {INT_KEYS: flat}
+        return flat
     if isinstance(obj, (list, tuple)):
         return [flatten(v, tensors, f"{path}.{i}" if path else str(i)) for i, v in enumerate(obj)]
     return obj
@@ -39,6 +43,8 @@ def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         if set(obj) == {TENSOR_KEY}:
             return tensors[obj[TENSOR_KEY]]
+        if set(obj) == {INT_KEYS}:
+            return {int(k): unflatten(v, tensors) for k, v in obj[INT_KEYS].items()}
         return {k: unflatten(v, tensors) for k, v in obj.items()}
     if isinstance(obj, list):
         return [unflatten(v, tensors) for v in obj]

@@ -42,6 +42,10 @@ class RunSettings(Options):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     loader_workers: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints "
+                                         "(besides every epoch's end)")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accumulation: int = Field(1, ge=1, description="batches per optimizer step")
 
 
 class ScalingSettings(Options):

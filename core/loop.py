@@ -3,6 +3,8 @@ a Ray Train worker, which passes its rank and its ``prepare_*`` functions in ``D
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import os
@@ -18,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint
 from .config import PlaitConfig
-from .errors import DataError, PluginError
+from .errors import ConfigError, DataError, PluginError
 from .manager import Plugins
 from .model import build_model
 from .state import RunState
@@ -30,14 +32,74 @@ def _identity(obj: Any) -> Any:
     return obj
 
 
+def _same_loader(loader: DataLoader, add_dist_sampler: bool) -> DataLoader:
+    return loader
+
+
 @dataclass
 class Distributed:
-    """How a distributed runner plugs into ``fit``; the defaults are one process."""
+    """How a distributed runner plugs into ``fit``; the defaults are one process.
+
+    ``prepare_loader(loader, add_dist_sampler)`` may swap the sampler for a distributed one
+    (training); evaluation loaders come already sharded and ask for no sampler.
+    Collectives go through ``torch.distributed`` when a process group is initialised.
+    """
 
     rank: int = 0
     world_size: int = 1
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = _identity
-    prepare_loader: Callable[[DataLoader], DataLoader] = _identity
+    prepare_loader: Callable[[DataLoader, bool], DataLoader] = _same_loader
+    device: torch.device | None = None
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sums over all workers (identity in one process)."""
+    if not _distributed():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """``obj`` from every worker, by rank."""
+    if not _distributed():
+        return [obj]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every ``world_size``-th index from ``rank``: an exact partition (no padding, unlike
+    DistributedSampler), so that metrics summed over workers count each sample once."""
+
+    def __init__(self, length: int, rank: int, world_size: int) -> None:
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """The indices of ``sampler`` after the first ``skip``: resume in the middle of an epoch
+    without loading the samples already trained on."""
+
+    def __init__(self, sampler: Any, skip: int) -> None:
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
 
 
 def seed_everything(seed: int) -> None:
@@ -89,11 +151,12 @@ def build_dataset(plugins: Plugins, config: PlaitConfig, split: str) -> Any:
     return wrapped
 
 
-def make_loader(dataset: Any, batch_size: int, shuffle: bool, seed: int, workers: int) -> DataLoader:
+def make_loader(dataset: Any, batch_size: int, shuffle: bool, seed: int, workers: int,
+                sampler: Any = None) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=dataset.collate_fn,
-        num_workers=workers, generator=generator, persistent_workers=workers > 0,
+        dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False, sampler=sampler,
+        collate_fn=dataset.collate_fn, num_workers=workers, generator=generator, persistent_workers=workers > 0,
     )
 
 
@@ -136,7 +199,7 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 @torch.no_grad()
 def evaluate(state: RunState, loader: DataLoader, keep: set[str] | None = None) -> dict[str, float]:
     """Accuracy and loss of ``state.model`` on ``loader``, optionally with only ``keep`` modalities."""
-    model = state.model
+    model = _unwrap(state.model)  # no DDP collectives: workers may hold one batch more or less
     was_training = model.training
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
@@ -144,13 +207,16 @@ def evaluate(state: RunState, loader: DataLoader, keep: set[str] | None = None) 
         batch = move(batch, state.device)
         if keep is not None:
             batch = only_modalities(batch, keep)
-        outputs = model(batch)
+        with autocast(state):
+            outputs = model(batch)
         logits, labels = outputs["logits"].float(), batch["label"]
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(-1) == labels).sum().item()
         total += labels.numel()
         state.plugins.call_each("plait_eval_batch", state=state, batch=batch, outputs=outputs)
     model.train(was_training)
+    correct, total, loss_sum = all_reduce_sum([correct, total, loss_sum])
+    total = int(total)
     metrics = {"accuracy": correct / max(1, total), "loss": loss_sum / max(1, total), "samples": total}
     for extra in state.plugins.call_each("plait_eval_metrics", state=state).values():
         metrics.update(extra or {})
@@ -175,24 +241,45 @@ def log_metrics(state: RunState, metrics: dict[str, Any]) -> None:
     state.plugins.call_each("plait_log_metrics", metrics=row, step=state.step, state=state)
 
 
-def _trainer_state(state: RunState) -> dict[str, Any]:
+def autocast(state: RunState) -> contextlib.AbstractContextManager:
+    """Mixed precision for ``run.precision`` (bf16 or fp16); nothing for fp32."""
+    precision = state.config.run.precision
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=state.device.type, dtype=dtype)
+
+
+def _trainer_state(state: RunState, batches_done: int) -> dict[str, Any]:
+    """Everything besides the weights that an exact resume needs (collective: all workers call it)."""
     return {
         "step": state.step,
         "epoch": state.epoch,
+        "batches_done": batches_done,
+        "world_size": state.world_size,
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
-        "rng": _rng_state(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else {},
+        "rng": all_gather(_rng_state()),  # one per worker: each draws its own dropout and augmentation
         "plugins": {k: v for k, v in state.plugins.call_each("plait_state_dict", state=state).items() if v is not None},
     }
 
 
-def _restore(state: RunState, saved: dict[str, Any]) -> None:
+def _restore(state: RunState, saved: dict[str, Any]) -> int:
+    """Load the trainer state; return how many batches of ``state.epoch`` are already done."""
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
-    state.step, state.epoch = int(saved["step"]), int(saved["epoch"]) + 1
-    _set_rng_state(saved["rng"])
+    if state.scaler is not None and saved.get("scaler"):
+        state.scaler.load_state_dict(saved["scaler"])
+    state.step, state.epoch = int(saved["step"]), int(saved["epoch"])
+    batches_done = int(saved["batches_done"])
+    if batches_done >= state.batches_per_epoch:  # saved at the end of the epoch
+        state.epoch, batches_done = state.epoch + 1, 0
+    rng = saved["rng"]
+    _set_rng_state(rng[state.rank] if len(rng) == state.world_size else rng[0])
     for name, data in saved.get("plugins", {}).items():
         state.plugins.call_one(name, "plait_load_state_dict", state=state, data=data)
+    return batches_done
 
 
 def _rng_state() -> dict[str, Any]:
@@ -214,15 +301,37 @@ def run_dir_for(config: PlaitConfig) -> Path:
     return Path(config.run.runs_dir) / config.run.name
 
 
+def _epoch_loader(loader: DataLoader, epoch: int, seed: int, skip_batches: int) -> DataLoader:
+    """The training loader positioned for ``epoch``: its shuffle depends only on the seed
+    and the epoch, and ``skip_batches`` already trained on are passed over."""
+    sampler = loader.sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed + epoch)
+    if not skip_batches:
+        return loader
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=SkipSampler(sampler, skip_batches *
+                      loader.batch_size), collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                      generator=loader.generator)  # the loader draws its worker seed from it: same RNG use
+
+
+def _check_precision(config: PlaitConfig, device: torch.device) -> None:
+    if config.run.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"{config.source}: run.precision: fp16 needs a GPU; use bf16 on the CPU")
+
+
 def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) -> RunState:
     """Train ``config`` with ``plugins`` and evaluate on the test split.
 
-    Running a run name whose folder holds a checkpoint continues from that checkpoint.
+    Running a run name whose folder holds a checkpoint continues from that checkpoint,
+    exactly where it stopped (mid-epoch included).
     """
     dist = dist or Distributed()
     run = config.run
-    seed_everything(run.seed)
-    device = pick_device(run.device)
+    seed_everything(run.seed + dist.rank)
+    device = dist.device or pick_device(run.device)
+    _check_precision(config, device)
     run_dir = run_dir_for(config)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -230,16 +339,22 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
     val_set = build_dataset(plugins, config, "val")
     test_set = build_dataset(plugins, config, "test")
     modalities = tuple(train_set.modalities)
+    seed_everything(run.seed)  # the same initial weights on every worker
     model = build_model(plugins, config, modalities, len(train_set.classes)).to(device)
     model = dist.prepare_model(model)
+    seed_everything(run.seed + dist.rank)
 
-    train_loader = dist.prepare_loader(make_loader(train_set, run.batch_size, True, run.seed, run.loader_workers))
+    train_loader = dist.prepare_loader(
+        make_loader(train_set, run.batch_size, True, run.seed, run.loader_workers), True)
     eval_loaders = {
-        split: dist.prepare_loader(make_loader(ds, run.eval_batch_size, False, run.seed, run.loader_workers))
+        split: dist.prepare_loader(make_loader(ds, run.eval_batch_size, False, run.seed, run.loader_workers,
+                                               ShardSampler(len(ds), dist.rank, dist.world_size)), False)
         for split, ds in (("val", val_set), ("test", test_set)) if ds is not None
     }
-    steps_per_epoch = len(train_loader)
-    total_steps = min(run.max_steps or math.inf, run.epochs * steps_per_epoch)
+    batches_per_epoch = len(train_loader)
+    accumulation = run.grad_accumulation
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    total_steps = int(min(run.max_steps or math.inf, run.epochs * steps_per_epoch))
     # fused: one kernel for all parameters (the per-tensor loop costs ~25 ms a step on CPU)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -249,74 +364,104 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
     state = RunState(
         config=config, plugins=plugins, run_dir=run_dir, device=device, classes=list(train_set.classes),
         modalities=tuple(encoders) if encoders is not None else modalities,
-        model=model, optimizer=optimizer, scheduler=scheduler, total_steps=int(total_steps),
-        steps_per_epoch=steps_per_epoch, rank=dist.rank, world_size=dist.world_size,
+        model=model, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch, rank=dist.rank,
+        world_size=dist.world_size,
+        scaler=torch.amp.GradScaler("cuda") if run.precision == "fp16" else None,
     )
+    skip = 0
     newest = checkpoint.latest(run_dir / "checkpoints")
     if newest is not None:
-        _restore(state, checkpoint.load(newest, model, device))
+        skip = _restore(state, checkpoint.load(newest, _unwrap(model), device))
     if state.is_main:
         (run_dir / "config.yaml").write_text(config.to_yaml())
         info = {"classes": state.classes, "modalities": list(state.modalities), "data": train_set.info}
         (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1))
+
+    def save_checkpoint(batches_done: int) -> None:
+        trainer_state = _trainer_state(state, batches_done)
+        if state.is_main:
+            checkpoint.save(run_dir / "checkpoints", state.step, _unwrap(model), trainer_state, run.keep_checkpoints)
 
     plugins.call_each("plait_fit_start", state=state)
     started = time.perf_counter()
     samples_seen = 0
     while state.epoch < run.epochs and state.step < total_steps:
         plugins.call_each("plait_epoch_start", state=state)
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(state.epoch)
-        if train_loader.generator is not None:  # same shuffle per epoch after a resume
-            train_loader.generator.manual_seed(run.seed + state.epoch)
         model.train()
         window_start, window_samples = time.perf_counter(), 0
-        for batch in train_loader:
+        batches_done = skip
+        micro: list[tuple[dict, dict, dict, torch.Tensor]] = []
+        for batch in _epoch_loader(train_loader, state.epoch, run.seed, skip):
             batch = move(batch, device)
-            plugins.call_each("plait_batch_start", state=state, batch=batch)
-            outputs = model(batch)
-            terms = loss_terms(state, batch, outputs)
-            loss = torch.stack([t.float() for t in terms.values()]).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            batches_done += 1
+            last_of_step = len(micro) + 1 == accumulation or batches_done == batches_per_epoch
+            if not micro:
+                plugins.call_each("plait_batch_start", state=state, batch=batch)
+            sync = contextlib.nullcontext() if last_of_step or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast(state):
+                    outputs = model(batch)
+                    terms = loss_terms(state, batch, outputs)
+                    loss = torch.stack([t.float() for t in terms.values()]).sum()
+                scaled = loss / accumulation
+                (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
+            micro.append((batch, outputs, terms, loss))
+            if not last_of_step:
+                continue
+            if state.scaler is not None:
+                state.scaler.unscale_(optimizer)
             plugins.call_each("plait_after_backward", state=state)
             if run.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), run.grad_clip)
-            optimizer.step()
+            if state.scaler is not None:
+                state.scaler.step(optimizer)
+                state.scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state.step += 1
-            size = batch["label"].shape[0]
+            size = sum(m[0]["label"].shape[0] for m in micro)
             samples_seen += size
             window_samples += size
             plugins.call_each("plait_batch_end", state=state, batch=batch, outputs=outputs, loss=loss)
             if state.step % run.log_every == 0:
                 now = time.perf_counter()
+                names = sorted({name for m in micro for name in m[2]})
+                local = [sum(m[3].item() for m in micro) / len(micro)]
+                local += [sum(m[2][n].item() for m in micro if n in m[2]) / len(micro) for n in names]
+                reduced = [v / state.world_size for v in all_reduce_sum(local + [window_samples])]
                 state.metrics["train"] = {
-                    "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
+                    "loss": reduced[0], **dict(zip(names, reduced[1:-1])),
                     "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": window_samples * dist.world_size / max(now - window_start, 1e-9),
+                    "samples_per_s": reduced[-1] * state.world_size / max(now - window_start, 1e-9),
                 }
                 window_start, window_samples = now, 0
                 log_metrics(state, {"split": "train", **state.metrics["train"]})
+            micro = []
+            if run.checkpoint_every and state.step % run.checkpoint_every == 0 and batches_done < batches_per_epoch:
+                save_checkpoint(batches_done)
             if state.step >= total_steps:
                 break
+        skip = 0
         if "val" in eval_loaders:
             state.metrics["val"] = evaluate(state, eval_loaders["val"])
             log_metrics(state, {"split": "val", **state.metrics["val"]})
         plugins.call_each("plait_epoch_end", state=state)
-        if state.is_main:
-            checkpoint.save(run_dir / "checkpoints", state.step, _unwrap(model), _trainer_state(state),
-                            run.keep_checkpoints)
+        save_checkpoint(batches_done)
         state.epoch += 1
     train_seconds = time.perf_counter() - started
 
-    results: dict[str, Any] = {"world_size": dist.world_size, "steps": state.step,
+    samples_seen = int(all_reduce_sum([samples_seen])[0])
+    results: dict[str, Any] = {"world_size": state.world_size, "steps": state.step,
                                "train_seconds": round(train_seconds, 2),
-                               "samples_per_s": round(samples_seen * dist.world_size / max(train_seconds, 1e-9), 1)}
+                               "samples_per_s": round(samples_seen / max(train_seconds, 1e-9), 1)}
     if "val" in state.metrics:
         results["val"] = state.metrics["val"]
     if "test" in eval_loaders:
         state.metrics["test"] = results["test"] = evaluate_by_modality(state, eval_loaders["test"])
+    state.metrics["run"] = results
     if state.is_main:
         _write_json_atomic(run_dir / "metrics.json", results)
     plugins.call_each("plait_fit_end", state=state)

@@ -26,7 +26,9 @@ class RunState:
     step: int = 0
     epoch: int = 0
     total_steps: int = 0
-    steps_per_epoch: int = 0
+    steps_per_epoch: int = 0  # optimizer steps
+    batches_per_epoch: int = 0  # batches of this worker (several per step with gradient accumulation)
+    scaler: Any = None  # torch.amp.GradScaler for fp16
     #: Latest metrics by group: {"train": {...}, "val": {...}, "test": {...}}.
     metrics: dict[str, Any] = field(default_factory=dict)
     rank: int = 0

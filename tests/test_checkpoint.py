@@ -4,13 +4,27 @@ from plait.core import checkpoint
 
 
 def test_flatten_roundtrip_keeps_structure_and_tensors():
-    state = {"a": torch.arange(3), "b": [1, {"c": torch.ones(2, 2)}, "x"], "d": {"e": 1.5, "f": None}}
+    state = {"a": torch.arange(3), "b": [1, {"c": torch.ones(2, 2)}, "x"], "d": {"e": 1.5, "f": None},
+             "by_index": {0: {"step": torch.tensor(3.0)}, 1: {}}}
     tensors: dict = {}
     skeleton = checkpoint.flatten(state, tensors)
-    assert len(tensors) == 2
+    assert len(tensors) == 3
     back = checkpoint.unflatten(skeleton, tensors)
     assert torch.equal(back["a"], state["a"]) and torch.equal(back["b"][1]["c"], state["b"][1]["c"])
     assert back["b"][0] == 1 and back["b"][2] == "x" and back["d"] == state["d"]
+    assert list(back["by_index"]) == [0, 1] and back["by_index"][0]["step"] == 3.0  # int keys stay ints
+
+
+def test_optimizer_state_survives_a_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    checkpoint.save(tmp_path, 1, model, {"optimizer": optimizer.state_dict()}, keep=1)
+    fresh = torch.optim.AdamW(model.parameters(), fused=True)
+    fresh.load_state_dict(checkpoint.load(checkpoint.latest(tmp_path), model)["optimizer"])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert float(fresh.state_dict()["state"][0]["step"]) == 1.0
 
 
 def test_save_is_atomic_and_keeps_the_newest(tmp_path):
