@@ -49,8 +49,14 @@ class RunSettings(Options):
 
 
 class ScalingSettings(Options):
-    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in-process")
+    """How the launcher runs the loop (plait.launch maps these to Ray Train's configs)."""
+
+    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in-process (Ray Train local mode)")
     use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts Ray may make (-1: no limit)")
 
 
 class PlaitConfig(BaseModel):

@@ -21,5 +21,5 @@ def nearest(word: str, choices) -> str:
     """' (did you mean X?)' for the closest of choices, or '' when nothing is close."""
     import difflib
 
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""

@@ -15,7 +15,7 @@ from typing import Any
 
 from plait.core import __version__
 from plait.core.config import PlaitConfig, load_config, resolve
-from plait.core.errors import ConfigError, PlaitError
+from plait.core.errors import PlaitError
 from plait.core.manager import Plugins, list_plugins
 
 EXIT_USAGE = 2
@@ -48,18 +48,16 @@ def print_results(title: str, results: dict[str, dict[str, float]]) -> None:
 
 # ------------------------------------------------------------------ commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from plait.core.loop import fit
+    from plait.core.loop import run_dir_for
+    from plait.launch import ray_runner
 
-    config, plugins = load(args.config, args.overrides)
-    if config.scaling.num_workers > 0:
-        raise ConfigError(
-            f"{args.config}: scaling.num_workers={config.scaling.num_workers}: the Ray Train runner is not part of "
-            "this version; use scaling.num_workers=0 (in-process)"
-        )
-    state = fit(config, plugins)
-    if "test" in state.metrics:
-        print_results(f"test accuracy — {state.run_dir}", state.metrics["test"])
-    print(f"run folder: {state.run_dir}")
+    raw = load_config(args.config, args.overrides)
+    config, _ = prepare(raw, str(args.config))  # validate before anything starts
+    results = ray_runner.train(config, raw, address=args.address, verbose=args.verbose)
+    if "test" in results:
+        print_results(f"test accuracy — {run_dir_for(config)} ({results['world_size']} worker(s), "
+                      f"{results['samples_per_s']:.0f} samples/s)", results["test"])
+    print(f"run folder: {run_dir_for(config)}")
     return 0
 
 
@@ -108,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a YAML plugin set")
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", metavar="key.path=value")
+    train.add_argument("--address", help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
+    train.add_argument("--verbose", action="store_true", help="show the Ray workers' own logs")
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a run folder")

@@ -1,0 +1,281 @@
+"""Run the core loop under Ray Train.
+
+``scaling.num_workers >= 1`` runs ``plait.core.loop.fit`` in that many ``TorchTrainer``
+workers (DDP or FSDP, a distributed sampler, metrics summed across workers, rank 0
+writing the run folder); ``num_workers: 0`` uses Ray Train's local mode, the same API in
+this process without starting Ray.
+
+Checkpoints are plait's own (``runs/<name>/checkpoints``, written by rank 0): Ray's local
+mode keeps no checkpoint, and one format means ``plait eval`` and resuming work the same
+either way. When Ray restarts a failed worker group (``scaling.max_failures``), the
+restarted workers resume from that folder, so on a multi-node cluster ``run.runs_dir``
+must be storage that every node sees.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plait.core.config import PlaitConfig
+from plait.core.errors import ConfigError, PlaitError
+from plait.core.hookspecs import hookimpl
+from plait.core.loop import Distributed, fit, run_dir_for
+
+LOCAL_START_TIMEOUT_S = 30
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: the same ``fit`` as in-process."""
+    import ray.train
+    import ray.train.torch as ray_torch
+
+    from plait.launch.cli import prepare
+
+    torch.set_num_threads(loop_config["threads"])
+    if os.path.isdir(loop_config["cwd"]):  # Ray starts workers in its own folder; relative paths are the user's
+        os.chdir(loop_config["cwd"])
+    config, plugins = prepare(loop_config["raw"], loop_config["source"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    strategy = config.scaling.strategy
+
+    def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+        if world_size == 1:
+            return model
+        # Samples without a modality skip its encoder, so some parameters get no gradient in a step.
+        kwargs = {"find_unused_parameters": True} if strategy == "ddp" else {}
+        return ray_torch.prepare_model(model, parallel_strategy=strategy, parallel_strategy_kwargs=kwargs)
+
+    dist = Distributed(
+        rank=rank, world_size=world_size, prepare_model=prepare_model,
+        prepare_loader=lambda loader, add_sampler: ray_torch.prepare_data_loader(
+            loader, add_dist_sampler=add_sampler, move_to_device=False),
+        device=ray_torch.get_device() if config.scaling.use_gpu else torch.device("cpu"),
+    )
+    if rank == 0 and loop_config.get("progress") is not None:
+        plugins.pm.register(ProgressForwarder(loop_config["progress"]), name="plait-ray-progress")
+    state = fit(config, plugins, dist)
+    ray.train.report({"run": state.metrics.get("run", {})})
+
+
+class ProgressForwarder:
+    """Registered on rank 0: sends progress to the driver, which draws the one progress bar
+    (workers' own output stays in their logs unless --verbose)."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.every = 1
+
+    def _send(self, event: dict) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except Exception:  # noqa: BLE001 - a full or gone queue must never stop training
+            pass
+
+    @hookimpl
+    def plait_fit_start(self, state) -> None:
+        self.every = max(1, state.total_steps // 200)
+        self._send({"total": state.total_steps, "step": state.step, "name": state.config.run.name})
+
+    @hookimpl
+    def plait_batch_end(self, state) -> None:
+        if state.step % self.every == 0:
+            self._send({"step": state.step})
+
+    @hookimpl
+    def plait_log_metrics(self, metrics) -> None:
+        self._send({"metrics": metrics})
+
+
+def _show_progress(queue: Any, running: threading.Thread) -> None:
+    """Draw rank 0's progress on the driver until the training thread ends."""
+    from queue import Empty
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
+                        TimeElapsedColumn(), console=Console(stderr=True))
+    task = None
+    with progress:
+        while running.is_alive() or not queue.empty():
+            try:
+                event = queue.get(timeout=0.5)
+            except (Empty, Exception):  # noqa: BLE001 - the queue actor goes away with Ray
+                continue
+            if "total" in event:
+                task = progress.add_task(event["name"], total=event["total"], completed=event["step"],
+                                         loss="-", speed="-")
+            elif task is None:
+                continue
+            elif "step" in event:
+                progress.update(task, completed=event["step"])
+            elif event["metrics"].get("split") == "train":
+                row = event["metrics"]
+                progress.update(task, completed=row["step"], loss=f"{row['loss']:.3f}",
+                                speed=f"{row['samples_per_s']:.0f}")
+            elif event["metrics"].get("split") == "val":
+                row = event["metrics"]
+                progress.console.print(f"epoch {row['epoch'] + 1}: val accuracy {row['accuracy']:.4f}, "
+                                       f"val loss {row['loss']:.4f}")
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
+def connect(address: str | None, verbose: bool) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray sized to this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_reachable(address)
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose,
+                               "logging_level": logging.INFO if verbose else logging.ERROR}
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            ray.init(num_cpus=os.cpu_count(), **options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast on an address nothing listens at (``ray.init`` would retry for minutes)."""
+    from urllib.parse import urlparse
+
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise ConfigError(f"Ray address '{address}': expected HOST:PORT (or ray://HOST:PORT)")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach Ray at {address}: {exc.strerror or exc}") from None
+
+
+def check_resources(config: PlaitConfig) -> None:
+    """Refuse, within seconds, what the cluster cannot place (instead of waiting forever)."""
+    import ray
+
+    scaling = config.scaling
+    resources = ray.cluster_resources()
+    per_worker = dict(scaling.resources_per_worker or {})
+    per_worker.setdefault("CPU", 1.0)
+    if scaling.use_gpu:
+        per_worker.setdefault("GPU", 1.0)
+    for name, amount in per_worker.items():
+        needed, available = amount * scaling.num_workers, float(resources.get(name, 0))
+        if needed > available:
+            hint = " (no GPU in the cluster: set scaling.use_gpu=false)" if name == "GPU" and not available else ""
+            raise ConfigError(
+                f"{config.source}: scaling: {scaling.num_workers} workers x {amount:g} {name} = {needed:g} {name}, "
+                f"but the Ray cluster has {available:g}{hint}"
+            )
+
+
+def check_storage(config: PlaitConfig) -> Path:
+    runs = Path(config.run.runs_dir).resolve()
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        probe = runs / f".plait-write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{config.source}: run.runs_dir: cannot write to {runs}: {exc.strerror}") from None
+    return runs
+
+
+def _worker_error(exc: Exception) -> PlaitError | None:
+    """A one-line error naming the rank (and the plugin and hook noted on the exception)."""
+    failures = getattr(exc, "worker_failures", None)
+    if not failures:
+        return None
+    rank, error = min(failures.items())
+    if isinstance(error, PlaitError):
+        return type(error)(str(error))
+    notes = "; ".join(getattr(error, "__notes__", []))
+    where = f" {notes}" if notes else ""
+    return PlaitError(f"worker rank {rank} failed{where}: {type(error).__name__}: {error}")
+
+
+def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
+          verbose: bool = False) -> dict[str, Any]:
+    """Train under Ray Train; return the run's results (what ``metrics.json`` holds)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    scaling = config.scaling
+    if not verbose:  # Ray's own INFO and notice lines (local mode runs Ray Train in this process)
+        logging.getLogger("ray").setLevel(logging.ERROR)
+    runs = check_storage(config)
+    if scaling.num_workers > 0:
+        started = time.perf_counter()
+        connect(address, verbose)
+        check_resources(config)
+        logging.getLogger("plait").info("Ray ready in %.1f s", time.perf_counter() - started)
+    queue = None
+    if scaling.num_workers > 0:
+        from ray.util.queue import Queue
+
+        queue = Queue(maxsize=10_000)
+    cpus_per_worker = (scaling.resources_per_worker or {}).get("CPU", 1)
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"raw": raw, "source": config.source, "cwd": os.getcwd(), "progress": queue,
+                           "threads": max(1, int(cpus_per_worker)) if scaling.num_workers else torch.get_num_threads()},
+        scaling_config=ScalingConfig(
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+            resources_per_worker=scaling.resources_per_worker, placement_strategy=scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=config.run.name, storage_path=str(runs),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
+
+    if queue is None:
+        run()
+    else:
+        running = threading.Thread(target=run, name="plait-ray-fit", daemon=True)
+        running.start()
+        _show_progress(queue, running)
+        running.join()
+    if "error" in outcome:
+        exc = outcome["error"]
+        if isinstance(exc, PlaitError):
+            raise exc
+        error = _worker_error(exc)
+        if error is None:
+            raise exc
+        raise error from exc
+    result = outcome["result"]
+    metrics = (result.metrics or {}).get("run")
+    if metrics is None:  # local mode returns what the train function reported too; read the folder else
+        import json
+
+        metrics = json.loads((run_dir_for(config) / "metrics.json").read_text())
+    return metrics

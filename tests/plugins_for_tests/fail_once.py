@@ -1,0 +1,24 @@
+"""A test plugin: raises once on rank 1 at a given step (the marker file remembers it did)."""
+from pathlib import Path
+
+from plait.core.config import Options
+from plait.core.hookspecs import hookimpl
+
+
+class FailOnceOptions(Options):
+    marker: str
+    at_step: int = 5
+
+
+@hookimpl
+def plait_config_schema():
+    return FailOnceOptions
+
+
+@hookimpl
+def plait_batch_start(state, batch):
+    options = state.config.options(FailOnceOptions)
+    marker = Path(options.marker)
+    if state.rank == 1 and state.step == options.at_step and not marker.exists():
+        marker.write_text("failed once")
+        raise RuntimeError(f"injected failure at step {state.step}")

@@ -1,0 +1,99 @@
+"""Real Ray Train on this machine: 2 CPU workers, one Ray session for the module."""
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from plait.core.config import load_config
+from plait.core.errors import ConfigError, PlaitError
+from plait.launch import ray_runner
+from plait.launch.cli import prepare
+
+pytestmark = pytest.mark.slow
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    import sys
+
+    import ray
+
+    sys.path.insert(0, str(TESTS / "plugins_for_tests"))  # the driver validates the config too
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(TESTS / "plugins_for_tests")}})
+    yield
+    ray.shutdown()
+
+
+def configure(write_config, plugins=None, name="ray", **run):
+    from conftest import TINY_PLUGINS
+
+    path = write_config({**TINY_PLUGINS, **(plugins or {})}, name=name, **run)
+    data = yaml.safe_load(path.read_text())
+    return path, data
+
+
+def run_ray(path, overrides=()):
+    raw = load_config(path, list(overrides))
+    config, _ = prepare(raw, str(path))
+    return config, ray_runner.train(config, raw)
+
+
+def test_two_workers_train_and_count_each_test_sample_once(write_config):
+    path, _ = configure(write_config, epochs=2, log_every=1)
+    config, results = run_ray(path, ["scaling.num_workers=2"])
+    assert results["world_size"] == 2 and results["steps"] == 6  # 192 samples / (2 x 32) x 2 epochs
+    assert results["test"]["fused"]["samples"] == 64  # an exact partition, no padded duplicates
+    run_dir = Path(config.run.runs_dir) / config.run.name
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes
+    assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_a_failed_worker_is_restarted_by_ray_and_resumes(write_config, tmp_path):
+    marker = tmp_path / "failed-once"
+    path, _ = configure(write_config, {"fail_once": {"marker": str(marker), "at_step": 5}}, name="restart",
+                        epochs=2, log_every=1, checkpoint_every=2)
+    config, results = run_ray(path, ["scaling.num_workers=2", "scaling.max_failures=1"])
+    assert marker.exists()  # it did fail
+    assert results["steps"] == 6
+    steps = [json.loads(line)["step"] for line in (Path(config.run.runs_dir) / "restart" / "metrics.jsonl")
+             .read_text().splitlines() if json.loads(line)["split"] == "train"]
+    assert steps[:5] == [1, 2, 3, 4, 5] and steps[-1] == 6
+    assert steps.count(5) == 2  # steps 5 and 6 ran again after resuming from the step-4 checkpoint
+
+
+def test_without_retries_the_error_names_rank_plugin_and_hook(write_config, tmp_path):
+    path, _ = configure(write_config, {"fail_once": {"marker": str(tmp_path / "m"), "at_step": 1}}, name="fails")
+    with pytest.raises(PlaitError) as err:
+        run_ray(path, ["scaling.num_workers=2"])
+    message = str(err.value)
+    assert "worker rank 1" in message and "'fail_once'" in message and "plait_batch_start" in message
+    assert "injected failure at step 1" in message
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["scaling.num_workers=3"], "3 workers x 1 CPU = 3 CPU, but the Ray cluster has 2"),
+    (["scaling.num_workers=1", "scaling.use_gpu=true"], "no GPU in the cluster"),
+    (["scaling.num_workers=1", "run.runs_dir=/proc/plait-runs"], "cannot write"),
+])
+def test_what_cannot_run_fails_fast_and_clearly(write_config, overrides, expected):
+    path, _ = configure(write_config)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=expected):
+        run_ray(path, overrides)
+    assert time.perf_counter() - started < 30
+
+
+def test_an_unreachable_address_fails_fast(write_config):
+    path, _ = configure(write_config)
+    raw = load_config(path, ["scaling.num_workers=1"])
+    config, _ = prepare(raw, str(path))
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="cannot reach Ray at 127.0.0.1:9"):
+        ray_runner.check_reachable("127.0.0.1:9")
+    assert time.perf_counter() - started < 30
