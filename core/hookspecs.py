@@ -178,6 +178,15 @@ def plait_log_metrics(metrics: dict[str, Any], step: int, state: RunState) -> No
     """
 
 
+# --------------------------------------------------------------------- launch
+@hookspec
+def plait_runtime_env(config: PlaitConfig) -> dict | None:
+    """Return what a Ray job of this config needs from this plugin, as a Ray runtime env
+    fragment: ``pip`` (list of requirements), ``py_modules`` (local paths or wheels),
+    ``env_vars`` (dict). ``plait launch`` merges every plugin's fragment into the job's.
+    """
+
+
 # ------------------------------------------------------------------------ cli
 @hookspec
 def plait_register_commands(subparsers: Any) -> None:

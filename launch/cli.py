@@ -15,7 +15,7 @@ from typing import Any
 
 from plait.core import __version__
 from plait.core.config import PlaitConfig, load_config, resolve
-from plait.core.errors import PlaitError
+from plait.core.errors import ConfigError, PlaitError
 from plait.core.manager import Plugins, list_plugins
 
 EXIT_USAGE = 2
@@ -91,6 +91,33 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from plait.launch import submit
+
+    if args.status or args.stop:
+        jobs = submit.client(args.address)
+        if args.stop:
+            jobs.stop_job(args.stop)
+            print(f"stopping {args.stop}")
+        else:
+            print(jobs.get_job_status(args.status).value)
+        return 0
+    if not args.config:
+        raise ConfigError("plait launch: give a CONFIG (or --status JOB_ID / --stop JOB_ID)")
+    config, plugins = load(args.config, args.overrides)
+    if args.emit == "rayjob":
+        print(submit.rayjob_manifest(config, plugins), end="")
+        return 0
+    jobs, job_id = submit.submit(config, plugins, args.address, wheel=not args.no_wheel)
+    print(f"submitted job {job_id} (run '{config.run.name}'); `plait launch --status {job_id}`", file=sys.stderr)
+    if not args.follow:
+        print(job_id)
+        return 0
+    status = submit.follow(jobs, job_id)
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     config, _ = load(args.config, args.overrides)
     print(config.to_yaml(), end="")
@@ -117,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(func=cmd_eval)
 
+    launch = sub.add_parser("launch", help="run a config as a Ray job on a cluster")
+    launch.add_argument("config", nargs="?")
+    launch.add_argument("overrides", nargs="*", metavar="key.path=value")
+    launch.add_argument("--address", help="the Ray job server, http://HOST:8265 (default: $RAY_ADDRESS)")
+    launch.add_argument("--follow", action="store_true", help="stream the job's logs; Ctrl-C stops the job")
+    launch.add_argument("--status", metavar="JOB_ID", help="print a job's status")
+    launch.add_argument("--stop", metavar="JOB_ID", help="stop a job")
+    launch.add_argument("--emit", choices=["rayjob"], help="print a KubeRay RayJob instead of submitting")
+    launch.add_argument("--no-wheel", action="store_true", help="use the plait installed on the cluster")
+    launch.set_defaults(func=cmd_launch)
+
     plugins = sub.add_parser("plugins", help="list installed plugins")
     plugins.add_argument("--json", action="store_true")
     plugins.set_defaults(func=cmd_plugins)
@@ -142,7 +180,12 @@ def register_plugin_commands(subparsers: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (`plait train c.yaml --verbose run.epochs=2`)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="plait: %(levelname)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

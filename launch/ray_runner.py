@@ -148,8 +148,8 @@ def connect(address: str | None, verbose: bool) -> None:
     try:
         if address:
             ray.init(address=address, **options)
-        else:
-            ray.init(num_cpus=os.cpu_count(), **options)
+        else:  # "local": a new instance, even when `ray start` left one running on this machine
+            ray.init(address="local", num_cpus=os.cpu_count(), **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
 

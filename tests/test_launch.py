@@ -1,0 +1,90 @@
+"""`plait launch` against a real Ray head on 127.0.0.1 with its job server. Nothing mocked."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+VENV_BIN = Path(sys.executable).parent
+PLAIT = [sys.executable, "-m", "plait.launch.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory, plait_cache):
+    gcs, dashboard = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PLAIT_CACHE": str(plait_cache)}
+    env.pop("RAY_ADDRESS", None)
+    start = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+             "--disable-usage-stats"]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    yield f"http://127.0.0.1:{dashboard}"
+    subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def launch_config(tmp_path: Path) -> Path:
+    from conftest import TINY_PLUGINS
+
+    path = tmp_path / "launch.yaml"
+    path.write_text(yaml.safe_dump({
+        "run": {"name": "launched", "epochs": 1, "batch_size": 32, "runs_dir": str(tmp_path / "runs")},
+        "scaling": {"num_workers": 1},
+        "plugins": {k: v for k, v in TINY_PLUGINS.items() if k != "image_encoder"},
+    }, sort_keys=False))
+    return path
+
+
+def test_launch_follows_a_job_to_success_and_resubmitting_resumes(ray_head, tmp_path):
+    config = launch_config(tmp_path)
+    first = subprocess.run([*PLAIT, "launch", str(config), "--address", ray_head, "--follow"],
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "SUCCEEDED" in first.stderr and "test accuracy" in first.stdout
+    token_file = Path.home() / ".ray" / "auth_token"
+    if token_file.is_file():  # the head uses token authentication: the token is sent, never shown
+        token = token_file.read_text().strip()
+        assert token not in first.stdout + first.stderr
+    run_dir = tmp_path / "runs" / "launched"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 1 and metrics["test"]["fused"]["samples"] == 64
+    job_id = next(line.split()[2] for line in first.stderr.splitlines() if line.startswith("submitted job"))
+    status = subprocess.run([*PLAIT, "launch", "--status", job_id, "--address", ray_head], capture_output=True,
+                            text=True, timeout=120)
+    assert status.stdout.strip() == "SUCCEEDED"
+
+    again = subprocess.run([*PLAIT, "launch", str(config), "--address", ray_head, "--follow"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if r["split"] == "train"]
+    assert train_steps == sorted(set(train_steps))  # resumed the finished run: nothing trained twice
+
+
+def test_launch_to_an_unreachable_address_fails_fast(tmp_path):
+    result = subprocess.run([*PLAIT, "launch", str(launch_config(tmp_path)), "--address", "http://127.0.0.1:9"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "cannot reach Ray at http://127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_emit_rayjob_writes_a_kuberay_manifest(tmp_path):
+    result = subprocess.run([*PLAIT, "launch", str(launch_config(tmp_path)), "--emit", "rayjob",
+                             "scaling.num_workers=2"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    config_map, ray_job = list(yaml.safe_load_all(result.stdout))
+    assert config_map["kind"] == "ConfigMap" and ray_job["kind"] == "RayJob"
+    assert yaml.safe_load(config_map["data"]["config.yaml"])["run"]["name"] == "launched"
+    assert ray_job["spec"]["entrypoint"] == "python -m plait.launch.cli train /plait/config.yaml"
+    assert ray_job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2
+    assert "plait==" in ray_job["spec"]["runtimeEnvYAML"]
