@@ -189,6 +189,13 @@ def check_resources(config: PlaitConfig) -> None:
             )
 
 
+def check_strategy(config: PlaitConfig) -> None:
+    if config.scaling.strategy == "fsdp" and config.scaling.num_workers > 1:
+        # Checkpoints of a sharded model need FSDP's collective full-state-dict gathering for the
+        # weights and the optimizer; until that is in the loop, refuse rather than save broken ones.
+        raise ConfigError(f"{config.source}: scaling.strategy: fsdp is not supported yet; use ddp")
+
+
 def check_storage(config: PlaitConfig) -> Path:
     runs = Path(config.run.runs_dir).resolve()
     try:
@@ -223,6 +230,7 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
     scaling = config.scaling
     if not verbose:  # Ray's own INFO and notice lines (local mode runs Ray Train in this process)
         logging.getLogger("ray").setLevel(logging.ERROR)
+    check_strategy(config)
     runs = check_storage(config)
     if scaling.num_workers > 0:
         started = time.perf_counter()

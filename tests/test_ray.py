@@ -80,6 +80,7 @@ def test_without_retries_the_error_names_rank_plugin_and_hook(write_config, tmp_
     (["scaling.num_workers=3"], "3 workers x 1 CPU = 3 CPU, but the Ray cluster has 2"),
     (["scaling.num_workers=1", "scaling.use_gpu=true"], "no GPU in the cluster"),
     (["scaling.num_workers=1", "run.runs_dir=/proc/plait-runs"], "cannot write"),
+    (["scaling.num_workers=2", "scaling.strategy=fsdp"], "fsdp is not supported yet"),
 ])
 def test_what_cannot_run_fails_fast_and_clearly(write_config, overrides, expected):
     path, _ = configure(write_config)
