@@ -50,7 +50,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         if world_size == 1:
             return model
         # Samples without a modality skip its encoder, so some parameters get no gradient in a step.
-        kwargs = {"find_unused_parameters": True} if strategy == "ddp" else {}
+        kwargs = {"find_unused_parameters": True, "gradient_as_bucket_view": True} if strategy == "ddp" else {}
         return ray_torch.prepare_model(model, parallel_strategy=strategy, parallel_strategy_kwargs=kwargs)
 
     dist = Distributed(
