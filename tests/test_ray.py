@@ -23,7 +23,7 @@ def ray_session():
     import ray
 
     sys.path.insert(0, str(TESTS / "plugins_for_tests"))  # the driver validates the config too
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(TESTS / "plugins_for_tests")}})
     yield
     ray.shutdown()
