@@ -1,8 +1,8 @@
 """Run the core loop under Ray Train.
 
 ``scaling.num_workers >= 1`` runs ``plait.core.loop.fit`` in that many ``TorchTrainer``
-workers (DDP or FSDP, a distributed sampler, metrics summed across workers, rank 0
-writing the run folder); ``num_workers: 0`` uses Ray Train's local mode, the same API in
+workers (DDP, a distributed sampler, metrics summed across workers, rank 0 writing the
+run folder, one progress bar drawn by the driver); ``num_workers: 0`` uses Ray Train's local mode, the same API in
 this process without starting Ray.
 
 Checkpoints are plait's own (``runs/<name>/checkpoints``, written by rank 0): Ray's local
@@ -27,9 +27,6 @@ from plait.core.config import PlaitConfig
 from plait.core.errors import ConfigError, PlaitError
 from plait.core.hookspecs import hookimpl
 from plait.core.loop import Distributed, fit, run_dir_for
-
-LOCAL_START_TIMEOUT_S = 30
-
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: the same ``fit`` as in-process."""
