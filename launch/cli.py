@@ -16,7 +16,8 @@ from typing import Any
 from plait.core import __version__
 from plait.core.config import PlaitConfig, load_config, resolve
 from plait.core.errors import ConfigError, PlaitError
-from plait.core.manager import Plugins, list_plugins
+from plait.core import manager
+from plait.core.manager import BUILTIN_PREFIX, Plugins, list_plugins
 
 EXIT_USAGE = 2
 
@@ -168,14 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def register_plugin_commands(subparsers: Any) -> None:
-    """Let installed plugins add subcommands; one that fails is reported and skipped."""
-    for info in list_plugins():
-        if info.status != "loaded" or "plait_register_commands" not in info.hooks:
+    """Let installed third-party plugins add subcommands; one that fails is reported and
+    skipped. (Built-ins add none, and importing them would cost every command seconds.)"""
+    for name, entry_point in manager.discover().items():
+        if entry_point.value.startswith(BUILTIN_PREFIX):
             continue
         try:
-            Plugins().load([info.name]).call_each("plait_register_commands", subparsers=subparsers)
+            plugins = Plugins().load([name])
+            if "plait_register_commands" in plugins.infos[name].hooks:
+                plugins.call_each("plait_register_commands", subparsers=subparsers)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
-            print(f"plait: warning: plugin '{info.name}' could not add its commands: {exc}", file=sys.stderr)
+            print(f"plait: warning: plugin '{name}' could not add its commands: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
