@@ -149,3 +149,18 @@ def test_a_third_party_plugin_by_module_path_adds_a_loss_term(tmp_path, write_co
     train = [r for r in rows if r["split"] == "train"]
     assert train and all(r["l2_fused"] > 0 for r in train)
     assert all(abs(r["loss"] - sum(r[k] for k in ("ce", "contrastive", "l2_fused") if k in r)) < 1e-4 for r in train)
+
+
+def test_bf16_autocast_and_gradient_accumulation_train_on_cpu(write_config):
+    config, plugins = load(str(write_config(name="bf16", epochs=1, batch_size=16, precision="bf16",
+                                            grad_accumulation=3, log_every=1)), [])
+    state = fit(config, plugins)
+    assert state.batches_per_epoch == 12 and state.steps_per_epoch == state.step == 4  # 12 batches / 3 per step
+    rows = [json.loads(line) for line in (state.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) for r in rows if r["split"] == "train")
+
+
+def test_fp16_needs_a_gpu(write_config, capsys):
+    code = main(["train", str(write_config(name="fp16", precision="fp16")), "scaling.num_workers=0"])
+    assert code == 2 and "fp16 needs a GPU" in capsys.readouterr().err
