@@ -1,9 +1,11 @@
 """`plait launch` against a real Ray head on 127.0.0.1 with its job server. Nothing mocked."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,12 +27,29 @@ def ray_head(tmp_path_factory, plait_cache):
     gcs, dashboard = free_port(), free_port()
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PLAIT_CACHE": str(plait_cache)}
     env.pop("RAY_ADDRESS", None)
-    start = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+    start = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-             "--disable-usage-stats"]
-    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+             "--disable-usage-stats", f"--temp-dir={tmp_path_factory.mktemp('ray')}"]
+    # --block keeps the head's processes in one process group of ours: teardown stops this
+    # head only, never another Ray the machine may be running (as `ray stop` would).
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", dashboard), timeout=1).close()
+            break
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                os.killpg(head.pid, signal.SIGKILL)
+                pytest.fail("the Ray head did not start")
+            time.sleep(1)
     yield f"http://127.0.0.1:{dashboard}"
-    subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], capture_output=True, timeout=120)
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
 
 
 def launch_config(tmp_path: Path) -> Path:
