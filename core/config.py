@@ -77,9 +77,6 @@ class PlaitConfig(BaseModel):
                 return value
         raise ConfigError(f"{self.source}: no plugin with options {model.__name__} is configured")
 
-    def plugin_options(self, name: str) -> BaseModel | None:
-        return self._options.get(name)
-
     def to_dict(self) -> dict[str, Any]:
         """Everything, defaults included: what ``config.yaml`` in the run folder holds."""
         plugins = {}
