@@ -188,9 +188,11 @@ def check_resources(config: PlaitConfig) -> None:
 
 def check_strategy(config: PlaitConfig) -> None:
     if config.scaling.strategy == "fsdp" and config.scaling.num_workers > 1:
-        # Checkpoints of a sharded model need FSDP's collective full-state-dict gathering for the
-        # weights and the optimizer; until that is in the loop, refuse rather than save broken ones.
-        raise ConfigError(f"{config.source}: scaling.strategy: fsdp is not supported yet; use ddp")
+        # Ray Train's prepare_model allows FSDP only with GPUs, and checkpoints of a sharded model need
+        # FSDP's collective full-state-dict gathering for weights and optimizer, which cannot be tested
+        # without a GPU: refuse rather than save broken checkpoints.
+        raise ConfigError(f"{config.source}: scaling.strategy: fsdp is not supported yet (Ray Train runs FSDP "
+                          "on GPUs only, and plait's checkpoints do not gather sharded weights yet); use ddp")
 
 
 def check_storage(config: PlaitConfig) -> Path:
