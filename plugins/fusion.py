@@ -54,7 +54,10 @@ class Fusion(nn.Module):
         """Hide modalities at random, but never all of a sample's."""
         stacked = torch.stack([present[m] for m in self.modalities], dim=1)
         kept = stacked & (torch.rand(stacked.shape, device=stacked.device) >= self.options.modality_dropout)
-        kept = torch.where(kept.any(dim=1, keepdim=True), kept, stacked)
+        # a sample that lost everything keeps one of its modalities, chosen at random
+        pick = (torch.rand(stacked.shape, device=stacked.device) + 1) * stacked  # 0 where absent
+        one = nn.functional.one_hot(pick.argmax(dim=1), stacked.shape[1]).bool() & stacked
+        kept = torch.where(kept.any(dim=1, keepdim=True), kept, one)
         return {m: kept[:, i] for i, m in enumerate(self.modalities)}
 
     def forward(self, embeddings: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> dict:

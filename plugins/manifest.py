@@ -1,7 +1,7 @@
 """manifest: bring your own data as CSV or JSONL.
 
 Columns: ``image`` and ``audio`` (file paths, relative to the manifest's folder),
-``text`` (inline text), ``label`` (class name or number), optional ``id``. Any modality
+``text`` (inline text, or the path of a ``.txt`` file), ``label`` (class name or number), optional ``id``. Any modality
 may be empty on any row. Rows are checked when the data set is built (files exist, a
 label is there, at least one modality); files are decoded when a sample is read, and an
 unreadable one is reported with its manifest row.
@@ -88,7 +88,9 @@ class Manifest(Dataset):
             for modality in MODALITIES:
                 value = row.get(modality)
                 value = str(value).strip() if value is not None else ""
-                if value and modality in FILE_COLUMNS:
+                if modality == "text" and value.endswith(".txt") and (path.parent / value).is_file():
+                    value = (path.parent / value).read_text(encoding="utf-8").strip()
+                elif value and modality in FILE_COLUMNS:
                     file = (path.parent / value)
                     if not file.is_file():
                         raise DataError(f"{where}: {modality} file '{value}' not found (looked in {file.parent})")
