@@ -391,7 +391,8 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
         model.train()
         window_start, window_samples = time.perf_counter(), 0
         batches_done = skip
-        micro: list[tuple[dict, dict, dict, torch.Tensor]] = []
+        # (samples, loss, loss terms) of each batch of the current optimizer step
+        micro: list[tuple[int, torch.Tensor, dict[str, torch.Tensor]]] = []
         for batch in _epoch_loader(train_loader, state.epoch, run.seed, skip):
             batch = move(batch, device)
             batches_done += 1
@@ -406,7 +407,7 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
                     loss = torch.stack([t.float() for t in terms.values()]).sum()
                 scaled = loss / accumulation
                 (state.scaler.scale(scaled) if state.scaler is not None else scaled).backward()
-            micro.append((batch, outputs, terms, loss))
+            micro.append((batch["label"].shape[0], loss.detach(), {k: v.detach() for k, v in terms.items()}))
             if not last_of_step:
                 continue
             if state.scaler is not None:
@@ -422,14 +423,14 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             state.step += 1
-            size = sum(m[0]["label"].shape[0] for m in micro)
+            size = sum(m[0] for m in micro)
             samples_seen += size
             window_samples += size
             plugins.call_each("plait_batch_end", state=state, batch=batch, outputs=outputs, loss=loss)
             if state.step % run.log_every == 0:
                 now = time.perf_counter()
                 names = sorted({name for m in micro for name in m[2]})
-                local = [sum(m[3].item() for m in micro) / len(micro)]
+                local = [sum(m[1].item() for m in micro) / len(micro)]
                 local += [sum(m[2][n].item() for m in micro if n in m[2]) / len(micro) for n in names]
                 reduced = [v / state.world_size for v in all_reduce_sum(local + [window_samples])]
                 state.metrics["train"] = {
