@@ -105,13 +105,13 @@ def load(checkpoint: Path, model: torch.nn.Module, device: torch.device | str = 
         skeleton = json.loads((checkpoint / "state.json").read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{checkpoint}: unreadable checkpoint: {exc}") from None
+    misfit = f"{checkpoint}: the saved weights do not fit the model built from the config ({{}}); a changed " \
+             "model needs a new run.name"
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:  # shape mismatch
-        raise DataError(f"{checkpoint}: weights do not fit the model built from its config: {exc}") from None
+    except RuntimeError as exc:  # shapes differ
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise DataError(misfit.format("; ".join(details[:3]))) from None
     if missing or unexpected:
-        raise DataError(
-            f"{checkpoint}: weights do not fit the model built from its config "
-            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
+        raise DataError(misfit.format(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"))
     return unflatten(skeleton, tensors)
