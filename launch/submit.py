@@ -8,6 +8,7 @@ run name resumes it, from the run folder on the cluster.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def auth_headers() -> dict[str, str]:
 def client(address: str | None) -> Any:
     from ray.job_submission import JobSubmissionClient
 
+    logging.getLogger("ray").setLevel(logging.WARNING)  # no "Uploading package ..." lines
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ConfigError("plait launch needs --address http://HOST:8265 (or $RAY_ADDRESS)")
