@@ -56,9 +56,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, _ = prepare(raw, str(args.config))  # validate before anything starts
     results = ray_runner.train(config, raw, address=args.address, verbose=args.verbose)
     if "test" in results:
-        print_results(f"test accuracy — {run_dir_for(config)} ({results['world_size']} worker(s), "
-                      f"{results['samples_per_s']:.0f} samples/s)", results["test"])
-    print(f"run folder: {run_dir_for(config)}")
+        print_results("test accuracy", results["test"])
+    print(f"run folder: {run_dir_for(config)}  ({results['world_size']} worker(s), "
+          f"{results['samples_per_s']:.0f} samples/s, {results['steps']} steps)")
     return 0
 
 
