@@ -256,7 +256,6 @@ def _trainer_state(state: RunState, batches_done: int) -> dict[str, Any]:
         "step": state.step,
         "epoch": state.epoch,
         "batches_done": batches_done,
-        "world_size": state.world_size,
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict() if state.scaler is not None else {},
@@ -432,11 +431,12 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
                 names = sorted({name for m in micro for name in m[2]})
                 local = [sum(m[1].item() for m in micro) / len(micro)]
                 local += [sum(m[2][n].item() for m in micro if n in m[2]) / len(micro) for n in names]
-                reduced = [v / state.world_size for v in all_reduce_sum(local + [window_samples])]
+                *summed, samples = all_reduce_sum(local + [window_samples])
+                means = [v / state.world_size for v in summed]
                 state.metrics["train"] = {
-                    "loss": reduced[0], **dict(zip(names, reduced[1:-1])),
+                    "loss": means[0], **dict(zip(names, means[1:])),
                     "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": reduced[-1] * state.world_size / max(now - window_start, 1e-9),
+                    "samples_per_s": samples / max(now - window_start, 1e-9),
                 }
                 window_start, window_samples = now, 0
                 log_metrics(state, {"split": "train", **state.metrics["train"]})

@@ -125,12 +125,6 @@ def _show_progress(queue: Any, running: threading.Thread) -> None:
                                        f"val loss {row['loss']:.4f}")
 
 
-def _cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 0))
-
-
 def connect(address: str | None, verbose: bool) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray sized to this machine."""
     import ray
@@ -223,7 +217,7 @@ def _worker_error(exc: Exception) -> PlaitError | None:
 def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
           verbose: bool = False) -> dict[str, Any]:
     """Train under Ray Train; return the run's results (what ``metrics.json`` holds)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     scaling = config.scaling
@@ -231,15 +225,14 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
         logging.getLogger("ray").setLevel(logging.ERROR)
     check_strategy(config)
     runs = check_storage(config)
-    if scaling.num_workers > 0:
-        started = time.perf_counter()
-        connect(address, verbose)
-        check_resources(config)
-        logging.getLogger("plait").info("Ray ready in %.1f s", time.perf_counter() - started)
     queue = None
     if scaling.num_workers > 0:
         from ray.util.queue import Queue
 
+        started = time.perf_counter()
+        connect(address, verbose)
+        check_resources(config)
+        logging.getLogger("plait").info("Ray ready in %.1f s", time.perf_counter() - started)
         queue = Queue(maxsize=10_000)
     cpus_per_worker = (scaling.resources_per_worker or {}).get("CPU", 1)
     trainer = TorchTrainer(
@@ -250,9 +243,10 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
             resources_per_worker=scaling.resources_per_worker, placement_strategy=scaling.placement_strategy,
         ),
+        # No CheckpointConfig: Ray is handed no checkpoint, and run.keep_checkpoints already
+        # bounds plait's own (see the module docstring).
         run_config=RunConfig(
             name=config.run.name, storage_path=str(runs),
-            checkpoint_config=CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
         ),
     )
