@@ -2,21 +2,20 @@
 
     .venv/bin/python benchmarks/scaling.py [--steps 60] [--rounds 2]
 
-Both worker counts run in one Ray session, alternating, `rounds` times each; samples/s is
-the median over the logged training windows after the first (start-up and evaluation
-excluded), and each count's figure is the median over rounds. Last line: JSON
+Both worker counts run in one Ray session (started as `plait train` starts it), alternating,
+`rounds` times each; samples/s is the median over the logged training windows after the first
+(start-up and evaluation excluded), each count's figure is the median over rounds, and the
+speed-up is the median of the rounds' own ratios (this machine's speed drifts between rounds
+by more than the effects measured). Last line: JSON
 {"samples_per_s_1": ..., "samples_per_s_2": ..., "speedup_2_workers": ...}.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import tempfile
 from pathlib import Path
-
-import ray
 
 from plait.core.config import load_config
 from plait.launch import ray_runner
@@ -42,9 +41,9 @@ def measure(workers: int, steps: int, runs_dir: str, tag: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    ray_runner.connect(None, verbose=False)
     results: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as runs_dir:
         for round_ in range(args.rounds):
@@ -53,8 +52,9 @@ def main() -> None:
                 results[workers].append(speed)
                 print(f"round {round_ + 1}: {workers} worker(s): {speed:.1f} samples/s", flush=True)
     one, two = statistics.median(results[1]), statistics.median(results[2])
+    speedup = statistics.median(b / a for a, b in zip(results[1], results[2]))
     print(json.dumps({"samples_per_s_1": round(one, 1), "samples_per_s_2": round(two, 1),
-                      "speedup_2_workers": round(two / one, 3)}))
+                      "speedup_2_workers": round(speedup, 3)}))
 
 
 if __name__ == "__main__":

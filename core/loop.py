@@ -187,6 +187,14 @@ def loss_terms(state: RunState, batch: dict, outputs: dict) -> dict[str, torch.T
     return terms
 
 
+def densify_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sparse gradients (cheap to all-reduce) become dense before clipping and the optimizer,
+    which then apply exactly the update they would to a dense gradient (AdamW decays every row)."""
+    for param in params:
+        if param.grad is not None and param.grad.is_sparse:
+            param.grad = param.grad.to_dense()
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -351,6 +359,7 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
         for split, ds in (("val", val_set), ("test", test_set)) if ds is not None
     }
     batches_per_epoch = len(train_loader)
+    sparse_params = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
     accumulation = run.grad_accumulation
     steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
     total_steps = int(min(run.max_steps or math.inf, run.epochs * steps_per_epoch))
@@ -409,6 +418,7 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
             micro.append((batch["label"].shape[0], loss.detach(), {k: v.detach() for k, v in terms.items()}))
             if not last_of_step:
                 continue
+            densify_gradients(sparse_params)
             if state.scaler is not None:
                 state.scaler.unscale_(optimizer)
             plugins.call_each("plait_after_backward", state=state)

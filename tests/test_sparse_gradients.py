@@ -1,0 +1,83 @@
+"""Large embeddings send sparse gradients through DDP; the update stays the dense one."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from plait.core.loop import densify_gradients
+from plait.launch.ray_runner import SPARSE_EMBEDDING_ROWS, sparse_embedding_gradients
+
+
+class Tagger(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vocab = torch.nn.Embedding(SPARSE_EMBEDDING_ROWS * 2, 16)
+        self.small = torch.nn.Embedding(8, 16)  # stays dense
+        self.out = torch.nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.vocab(ids).mean(1) + self.small(ids % 8).mean(1))
+
+
+def _steps(model: torch.nn.Module, rank: int) -> None:
+    params = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+    generator = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        ids = torch.randint(0, SPARSE_EMBEDDING_ROWS * 2, (4, 5), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(ids), torch.randint(0, 3, (4,), generator=generator))
+        loss.backward()
+        densify_gradients(params)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _train_both_ways(rank: int, port: int, results: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    weights = {}
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = Tagger()
+        if sparse:
+            assert sparse_embedding_gradients(model) == ["vocab"]
+        ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+        _steps(ddp, rank)
+        weights[sparse] = {k: v.clone() for k, v in model.state_dict().items()}
+    dist.destroy_process_group()
+    results[rank] = weights
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_sparse_embedding_gradients_give_the_dense_update_on_two_workers():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_train_both_ways, args=(_free_port(), results), nprocs=2)
+        results = dict(results)
+    for rank in (0, 1):
+        dense, sparse = results[rank][False], results[rank][True]
+        for name in dense:
+            torch.testing.assert_close(sparse[name], dense[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name in results[0][True]:  # and the workers agree
+        torch.testing.assert_close(results[0][True][name], results[1][True][name], rtol=0, atol=0)
+
+
+def test_densify_leaves_dense_gradients_alone_and_densifies_sparse_ones():
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    embedding(torch.tensor([1, 1, 3])).sum().backward()
+    dense = torch.nn.Parameter(torch.ones(2))
+    dense.grad = torch.ones(2)
+    before = dense.grad
+    densify_gradients([embedding.weight, dense])
+    assert not embedding.weight.grad.is_sparse
+    assert embedding.weight.grad[1].tolist() == [2.0] * 4 and embedding.weight.grad[0].abs().sum() == 0
+    assert dense.grad is before
