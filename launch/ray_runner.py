@@ -124,7 +124,8 @@ def _show_progress(queue: Any, running: threading.Thread) -> None:
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} samples/s"),
-                        TimeElapsedColumn(), console=Console(stderr=True))
+                        TimeElapsedColumn(), console=Console(stderr=True),
+                        refresh_per_second=1)  # events come once a second; redraws take CPU from the workers
     task = None
     with progress:
         while running.is_alive() or not queue.empty():
