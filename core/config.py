@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import ConfigError, nearest
 
@@ -46,6 +46,16 @@ class RunSettings(Options):
                                          "(besides every epoch's end)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accumulation: int = Field(1, ge=1, description="batches per optimizer step")
+
+    @field_validator("runs_dir")
+    @classmethod
+    def _a_folder_not_a_uri(cls, value: str) -> str:
+        # Path("s3://bucket/runs") is the local folder "s3:/bucket/runs": refuse it rather than
+        # train into the wrong place.
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+            raise ValueError("storage URIs are not supported yet: give a folder that every "
+                             "node sees (a local path, NFS or another shared mount)")
+        return value
 
 
 class ScalingSettings(Options):
@@ -191,7 +201,8 @@ def _format_errors(exc: ValidationError, model: type[BaseModel], source: str, pr
             hint = nearest(str(loc[-1]), _field_names(model, loc[:-1]))
             lines.append(f"{keypath}: unknown option{hint}")
         else:
-            lines.append(f"{keypath}: {err['msg']} (got {err.get('input')!r})")
+            message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+            lines.append(f"{keypath}: {message} (got {err.get('input')!r})")
     return f"{source}: " + "; ".join(lines)
 
 
