@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def measure(workers: int, steps: int, runs_dir: str, tag: str) -> float:
     overrides = [f"scaling.num_workers={workers}", "scaling.resources_per_worker={CPU: 1}",
                  f"run.max_steps={steps}", "run.log_every=5", f"run.runs_dir={runs_dir}",
-                 f"run.name=scaling-{workers}-{tag}", "plugins.progress=null"]
+                 f"run.name=scaling-{workers}-{tag}"]
     raw = load_config(ROOT / "plugins.yaml", overrides)
     raw["plugins"].pop("progress", None)
     raw["plugins"].pop("curves", None)

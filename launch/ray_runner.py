@@ -63,9 +63,10 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
         if world_size == 1:
             return model
-        # Samples without a modality skip its encoder, so some parameters get no gradient in a step.
-        kwargs = {"find_unused_parameters": True, "gradient_as_bucket_view": True} if strategy == "ddp" else {}
+        kwargs = {}
         if strategy == "ddp":
+            # Samples without a modality skip its encoder, so some parameters get no gradient in a step.
+            kwargs = {"find_unused_parameters": True, "gradient_as_bucket_view": True}
             sparse_embedding_gradients(model)
         return ray_torch.prepare_model(model, parallel_strategy=strategy, parallel_strategy_kwargs=kwargs)
 

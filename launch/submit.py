@@ -54,11 +54,9 @@ def client(address: str | None) -> Any:
 
 def job_config(config: PlaitConfig) -> dict[str, Any]:
     """The resolved config as the job runs it: the runs folder made absolute (the job's own
-    working folder is temporary), URIs left as they are."""
+    working folder is temporary; the config refuses storage URIs)."""
     resolved = config.to_dict()
-    runs_dir = resolved["run"]["runs_dir"]
-    if "://" not in runs_dir:
-        resolved["run"]["runs_dir"] = str(Path(runs_dir).resolve())
+    resolved["run"]["runs_dir"] = str(Path(resolved["run"]["runs_dir"]).resolve())
     return resolved
 
 
