@@ -59,7 +59,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(checkpoints_dir: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any], keep: int) -> Path:
+def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full, unsharded weights of ``model`` (plain, DDP or FSDP) on the CPU, under the
+    plain module's names. Collective under FSDP: every worker calls it; only rank 0 gets them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save(checkpoints_dir: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any],
+         keep: int) -> Path:
     """Write a checkpoint atomically and keep only the newest ``keep``; return its folder."""
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / f"{PREFIX}{step:08d}"
@@ -67,8 +76,7 @@ def save(checkpoints_dir: Path, step: int, model: torch.nn.Module, trainer_state
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # Clones: safetensors refuses views and shared storage (tied weights are stored twice).
-    weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
+    save_file({k: v.detach().cpu().clone() for k, v in weights.items()}, str(tmp / "model.safetensors"))
     tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten(trainer_state, tensors)
     save_file(tensors, str(tmp / "trainer.safetensors"))
@@ -98,7 +106,10 @@ def latest(checkpoints_dir: Path) -> Path | None:
 
 
 def load(checkpoint: Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load weights into ``model`` and return the trainer state saved beside them."""
+    """Load weights into ``model`` (plain, DDP or FSDP: under FSDP every worker calls it and
+    keeps its shard) and return the trainer state saved beside them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     try:
         weights = load_file(str(checkpoint / "model.safetensors"), device=str(device))
         tensors = load_file(str(checkpoint / "trainer.safetensors"), device="cpu")
@@ -108,7 +119,8 @@ def load(checkpoint: Path, model: torch.nn.Module, device: torch.device | str = 
     misfit = f"{checkpoint}: the saved weights do not fit the model built from the config ({{}}); a changed " \
              "model needs a new run.name"
     try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        missing, unexpected = set_model_state_dict(
+            model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     except RuntimeError as exc:  # shapes differ
         details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
         raise DataError(misfit.format("; ".join(details[:3]))) from None

@@ -50,6 +50,9 @@ class Distributed:
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = _identity
     prepare_loader: Callable[[DataLoader, bool], DataLoader] = _same_loader
     device: torch.device | None = None
+    #: Every forward is a collective (FSDP gathers each unit's weights): evaluation then runs
+    #: the same number of batches on every worker, repeating its last batch where it has fewer.
+    lockstep: bool = False
 
 
 def _distributed() -> bool:
@@ -58,10 +61,20 @@ def _distributed() -> bool:
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sums over all workers (identity in one process)."""
+    return _all_reduce(values, "sum")
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise maxima over all workers (identity in one process)."""
+    return _all_reduce(values, "max")
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
     if not _distributed():
         return values
     tensor = torch.tensor(values, dtype=torch.float64)
-    torch.distributed.all_reduce(tensor)
+    ops = torch.distributed.ReduceOp
+    torch.distributed.all_reduce(tensor, op=ops.SUM if op == "sum" else ops.MAX)
     return tensor.tolist()
 
 
@@ -207,16 +220,25 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 @torch.no_grad()
 def evaluate(state: RunState, loader: DataLoader, keep: set[str] | None = None) -> dict[str, float]:
     """Accuracy and loss of ``state.model`` on ``loader``, optionally with only ``keep`` modalities."""
-    model = _unwrap(state.model)  # no DDP collectives: workers may hold one batch more or less
+    model = state.model if state.lockstep else _unwrap(state.model)  # DDP's forward needs no collectives
     was_training = model.training
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
-    for batch in loader:
-        batch = move(batch, state.device)
+    rounds = int(all_reduce_max([len(loader)])[0]) if state.lockstep else len(loader)
+    batches, last = iter(loader), None
+    for _ in range(rounds):
+        loaded = next(batches, None)
+        counted = loaded is not None  # past this worker's shard it only takes part in the collectives
+        last = loaded if counted else last
+        if last is None:
+            raise DataError(f"worker {state.rank} has no evaluation batch: the split has fewer samples than workers")
+        batch = move(last, state.device)
         if keep is not None:
             batch = only_modalities(batch, keep)
         with autocast(state):
             outputs = model(batch)
+        if not counted:
+            continue
         logits, labels = outputs["logits"].float(), batch["label"]
         loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(-1) == labels).sum().item()
@@ -259,12 +281,18 @@ def autocast(state: RunState) -> contextlib.AbstractContextManager:
 
 
 def _trainer_state(state: RunState, batches_done: int) -> dict[str, Any]:
-    """Everything besides the weights that an exact resume needs (collective: all workers call it)."""
+    """Everything besides the weights that an exact resume needs (collective: all workers call it).
+
+    The optimizer state is keyed by parameter name and unsharded, so a checkpoint resumes
+    alike in one process, under DDP or under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     return {
         "step": state.step,
         "epoch": state.epoch,
         "batches_done": batches_done,
-        "optimizer": state.optimizer.state_dict(),
+        "optimizer": get_optimizer_state_dict(state.model, state.optimizer,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True)),
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict() if state.scaler is not None else {},
         "rng": all_gather(_rng_state()),  # one per worker: each draws its own dropout and augmentation
@@ -274,7 +302,10 @@ def _trainer_state(state: RunState, batches_done: int) -> dict[str, Any]:
 
 def _restore(state: RunState, saved: dict[str, Any]) -> int:
     """Load the trainer state; return how many batches of ``state.epoch`` are already done."""
-    state.optimizer.load_state_dict(saved["optimizer"])
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(state.model, state.optimizer, saved["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
     state.scheduler.load_state_dict(saved["scheduler"])
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])
@@ -374,22 +405,22 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
         modalities=tuple(encoders) if encoders is not None else modalities,
         model=model, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch, rank=dist.rank,
-        world_size=dist.world_size,
+        world_size=dist.world_size, lockstep=dist.lockstep,
         scaler=torch.amp.GradScaler("cuda") if run.precision == "fp16" else None,
     )
     skip = 0
     newest = checkpoint.latest(run_dir / "checkpoints")
     if newest is not None:
-        skip = _restore(state, checkpoint.load(newest, _unwrap(model), device))
+        skip = _restore(state, checkpoint.load(newest, model, device))
     if state.is_main:
         (run_dir / "config.yaml").write_text(config.to_yaml())
         info = {"classes": state.classes, "modalities": list(state.modalities), "data": train_set.info}
         (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1))
 
     def save_checkpoint(batches_done: int) -> None:
-        trainer_state = _trainer_state(state, batches_done)
+        weights, trainer_state = checkpoint.model_weights(model), _trainer_state(state, batches_done)
         if state.is_main:
-            checkpoint.save(run_dir / "checkpoints", state.step, _unwrap(model), trainer_state, run.keep_checkpoints)
+            checkpoint.save(run_dir / "checkpoints", state.step, weights, trainer_state, run.keep_checkpoints)
 
     plugins.call_each("plait_fit_start", state=state)
     started = time.perf_counter()

@@ -37,21 +37,47 @@ class MultimodalModel(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
         self.head = head
+        #: Run every encoder in every forward. Sharded training (FSDP) needs it: an encoder's
+        #: forward and backward are collectives every worker must join, even one whose batch has
+        #: none of that modality. Such a worker runs the encoder (in eval mode, so no batch-norm
+        #: statistics change) on a row it kept from an earlier batch; the result enters the
+        #: logits times zero, so the encoder takes part in the backward with a zero gradient.
+        self.run_every_encoder = False
+        self._examples: dict[str, dict[str, Any]] = {}
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         present: dict[str, torch.Tensor] = batch["present"]
         size = batch["label"].shape[0]
-        embeddings = {}
+        embeddings, idle = {}, []
         for modality, encoder in self.encoders.items():
             mask = present[modality]
             rows = mask.nonzero().squeeze(1)
             encoded = encoder(select_rows(batch["inputs"][modality], rows)) if rows.numel() else None
+            if self.run_every_encoder:
+                if encoded is None:
+                    idle.append(self._idle_pass(modality, encoder))
+                else:
+                    self._examples[modality] = select_rows(batch["inputs"][modality], rows[:1])
             emb = torch.zeros(size, encoder.out_dim, device=mask.device,
                               dtype=encoded.dtype if encoded is not None else torch.float32)
             embeddings[modality] = emb.index_copy(0, rows, encoded) if encoded is not None else emb
         outputs = self.fusion(embeddings, {m: present[m] for m in self.encoders})
-        outputs["logits"] = self.head(outputs["fused"])
+        logits = self.head(outputs["fused"])
+        outputs["logits"] = logits + torch.stack(idle).sum() if idle else logits
         return outputs
+
+    def _idle_pass(self, modality: str, encoder: nn.Module) -> torch.Tensor:
+        """Zero, computed through ``encoder`` (see ``run_every_encoder``)."""
+        example = self._examples.get(modality)
+        if example is None:
+            raise PluginError(f"the first batch of this worker has no '{modality}' sample, and under sharded "
+                              "training every worker runs every encoder; use a larger batch_size")
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            return encoder(example).float().sum() * 0.0
+        finally:
+            encoder.train(was_training)
 
 
 def build_model(plugins: Plugins, config: PlaitConfig, modalities: tuple[str, ...], num_classes: int) -> nn.Module:

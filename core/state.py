@@ -33,6 +33,7 @@ class RunState:
     metrics: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
+    lockstep: bool = False  # see core.loop.Distributed.lockstep
 
     @property
     def is_main(self) -> bool:

@@ -1,7 +1,7 @@
 """Run the core loop under Ray Train.
 
 ``scaling.num_workers >= 1`` runs ``plait.core.loop.fit`` in that many ``TorchTrainer``
-workers (DDP, a distributed sampler, metrics summed across workers, rank 0 writing the
+workers (DDP or FSDP, a distributed sampler, metrics summed across workers, rank 0 writing the
 run folder, one progress bar drawn by the driver); ``num_workers: 0`` uses Ray Train's local mode, the same API in
 this process without starting Ray.
 
@@ -45,6 +45,38 @@ def sparse_embedding_gradients(model: torch.nn.Module) -> list[str]:
     return switched
 
 
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP (``fully_shard``): each encoder and the fusion module are units of their own, the
+    head stays with the root. A worker holds 1/world_size of the weights, gradients and optimizer
+    state, and gathers one unit's weights at a time for its forward and backward.
+
+    Ray Train's ``prepare_model`` runs its FSDP on GPUs only; this runs on CPUs too (gloo)."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = [*getattr(model, "encoders", {}).values(), getattr(model, "fusion", None)]
+    for unit in units:
+        if unit is not None:
+            fully_shard(unit)
+    fully_shard(model)
+    # Every worker must issue the same gathers and reduce-scatters in the same order:
+    model.run_every_encoder = True  # an encoder runs even where a batch lacks its modality
+    model.set_reduce_scatter_unused_params(True)  # a weight unused in one worker's step sends zeros
+    model.register_forward_pre_hook(broadcast_buffers)
+    return model
+
+
+def broadcast_buffers(model: torch.nn.Module, args: tuple) -> None:
+    """Rank 0's buffers (batch-norm statistics) to every worker before each forward, as DDP
+    does: FSDP shards weights only, and workers' statistics would drift apart otherwise."""
+    buffers = [b for b in model.buffers() if b.numel()]
+    for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every worker
+        same = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in same])
+        torch.distributed.broadcast(flat, src=0)
+        for buffer, value in zip(same, flat.split([b.numel() for b in same])):
+            buffer.copy_(value.view_as(buffer))
+
+
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: the same ``fit`` as in-process."""
     import ray.train
@@ -63,18 +95,19 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
         if world_size == 1:
             return model
-        kwargs = {}
-        if strategy == "ddp":
-            # Samples without a modality skip its encoder, so some parameters get no gradient in a step.
-            kwargs = {"find_unused_parameters": True, "gradient_as_bucket_view": True}
-            sparse_embedding_gradients(model)
-        return ray_torch.prepare_model(model, parallel_strategy=strategy, parallel_strategy_kwargs=kwargs)
+        if strategy == "fsdp":
+            return shard_model(model)
+        # Samples without a modality skip its encoder, so some parameters get no gradient in a step.
+        kwargs = {"find_unused_parameters": True, "gradient_as_bucket_view": True}
+        sparse_embedding_gradients(model)
+        return ray_torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=kwargs)
 
     dist = Distributed(
         rank=rank, world_size=world_size, prepare_model=prepare_model,
         prepare_loader=lambda loader, add_sampler: ray_torch.prepare_data_loader(
             loader, add_dist_sampler=add_sampler, move_to_device=False),
         device=ray_torch.get_device() if config.scaling.use_gpu else torch.device("cpu"),
+        lockstep=strategy == "fsdp" and world_size > 1,
     )
     if rank == 0 and loop_config.get("progress") is not None:
         plugins.pm.register(ProgressForwarder(loop_config["progress"]), name="plait-ray-progress")
@@ -211,15 +244,6 @@ def check_resources(config: PlaitConfig) -> None:
             )
 
 
-def check_strategy(config: PlaitConfig) -> None:
-    if config.scaling.strategy == "fsdp" and config.scaling.num_workers > 1:
-        # Ray Train's prepare_model allows FSDP only with GPUs, and checkpoints of a sharded model need
-        # FSDP's collective full-state-dict gathering for weights and optimizer, which cannot be tested
-        # without a GPU: refuse rather than save broken checkpoints.
-        raise ConfigError(f"{config.source}: scaling.strategy: fsdp is not supported yet (Ray Train runs FSDP "
-                          "on GPUs only, and plait's checkpoints do not gather sharded weights yet); use ddp")
-
-
 def check_storage(config: PlaitConfig) -> Path:
     runs = Path(config.run.runs_dir).resolve()
     try:
@@ -254,7 +278,6 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
     scaling = config.scaling
     if not verbose:  # Ray's own INFO and notice lines (local mode runs Ray Train in this process)
         logging.getLogger("ray").setLevel(logging.ERROR)
-    check_strategy(config)
     runs = check_storage(config)
     queue = None
     if scaling.num_workers > 0:

@@ -37,7 +37,7 @@ class Fusion(nn.Module):
         dim = options.dim
         self.project = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim)) for m, d in dims.items()})
         self.missing = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * 0.02) for m in dims})
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # 1-D: FSDP shards no scalars
         if options.kind == "attention":
             self.cls = nn.Parameter(torch.randn(dim) * 0.02)
             self.type_embedding = nn.Parameter(torch.randn(len(dims), dim) * 0.02)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,10 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens at (for a torch.distributed rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

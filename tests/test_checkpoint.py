@@ -20,7 +20,7 @@ def test_optimizer_state_survives_a_checkpoint(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters(), fused=True)
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
-    checkpoint.save(tmp_path, 1, model, {"optimizer": optimizer.state_dict()}, keep=1)
+    checkpoint.save(tmp_path, 1, model.state_dict(), {"optimizer": optimizer.state_dict()}, keep=1)
     fresh = torch.optim.AdamW(model.parameters(), fused=True)
     fresh.load_state_dict(checkpoint.load(checkpoint.latest(tmp_path), model)["optimizer"])
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
@@ -31,7 +31,7 @@ def test_save_is_atomic_and_keeps_the_newest(tmp_path):
     model = torch.nn.Linear(3, 2)
     folder = tmp_path / "checkpoints"
     for step in (1, 2, 3):
-        checkpoint.save(folder, step, model, {"step": step, "extra": torch.tensor([step])}, keep=2)
+        checkpoint.save(folder, step, model.state_dict(), {"step": step, "extra": torch.tensor([step])}, keep=2)
     assert [p.name for p in checkpoint.list_checkpoints(folder)] == ["step-00000002", "step-00000003"]
     (folder / ".tmp-step-00000004-99").mkdir()  # an interrupted write is never taken for a checkpoint
     assert checkpoint.latest(folder).name == "step-00000003"
@@ -46,7 +46,7 @@ def test_loading_into_a_different_model_is_a_clear_error(tmp_path):
 
     from plait.core.errors import DataError
 
-    checkpoint.save(tmp_path, 1, torch.nn.Linear(3, 2), {}, keep=1)
+    checkpoint.save(tmp_path, 1, torch.nn.Linear(3, 2).state_dict(), {}, keep=1)
     with pytest.raises(DataError, match="do not fit.*size mismatch for weight.*new run.name") as err:
         checkpoint.load(checkpoint.latest(tmp_path), torch.nn.Linear(4, 2))
     assert "\n" not in str(err.value)  # one line for the CLI

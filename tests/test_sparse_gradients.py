@@ -1,10 +1,9 @@
 """Large embeddings send sparse gradients through DDP; the update stays the dense one."""
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from plait.core.loop import densify_gradients
 from plait.launch.ray_runner import SPARSE_EMBEDDING_ROWS, sparse_embedding_gradients
@@ -51,17 +50,11 @@ def _train_both_ways(rank: int, port: int, results: dict) -> None:
     results[rank] = weights
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.timeout(120)
 def test_sparse_embedding_gradients_give_the_dense_update_on_two_workers():
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_train_both_ways, args=(_free_port(), results), nprocs=2)
+        mp.spawn(_train_both_ways, args=(free_port(), results), nprocs=2)
         results = dict(results)
     for rank in (0, 1):
         dense, sparse = results[rank][False], results[rank][True]
