@@ -1,6 +1,7 @@
 """FSDP on 2 CPU workers (real gloo process group, plait's own `fit`, no Ray): it trains like
 DDP while each worker holds half the weights, its checkpoints resume exactly, and they load
 into a plain model for `plait eval`."""
+import json
 import sys
 
 import pytest
@@ -27,6 +28,14 @@ from plait.core.hookspecs import hookimpl
 def plait_batch_start(state, batch):
     if state.step == 10:
         raise RuntimeError("stopped at step 10")
+"""
+
+RANK_1_TERM = """
+from plait.core.hookspecs import hookimpl
+
+@hookimpl
+def plait_loss_terms(state, batch, outputs):
+    return {"rank_1_only": outputs["logits"].sum() * 0.0} if state.rank == 1 else {}
 """
 
 
@@ -72,6 +81,7 @@ def _worker(rank: int, port: int, configs: dict, plugin_dir: str, results: dict)
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     (root / "stop_at_10.py").write_text(STOP_AT_10)
+    (root / "rank_1_term.py").write_text(RANK_1_TERM)
     plugins = {**TINY_PLUGINS, "spoken_digits": {**TINY_PLUGINS["spoken_digits"], "test_size": 65}}
 
     def write(name: str, extra: dict | None = None, file: str | None = None, **run) -> str:
@@ -86,7 +96,7 @@ def runs(tmp_path_factory):
         "fsdp": (write("fsdp"), "fsdp"),
         "ddp": (write("ddp"), "ddp"),
         "fsdp-3": (write("fsdp-3", max_steps=3), "fsdp"),
-        "ddp-3": (write("ddp-3", max_steps=3), "ddp"),
+        "ddp-3": (write("ddp-3", {"rank_1_term": {}}, max_steps=3, log_every=1), "ddp"),
         "stopped": (write("split", {"stop_at_10": {}}, "stopped"), "fsdp"),  # last checkpoint: step 8, mid-epoch
         "resumed": (write("split"), "fsdp"),
     }
@@ -147,3 +157,11 @@ def test_an_fsdp_checkpoint_loads_into_a_plain_model(runs):
     metrics = evaluate_run(runs["root"] / "runs" / "fsdp")
     trained = runs[0]["fsdp"]["test"]["fused"]
     assert metrics["samples"] == trained["samples"] and metrics["accuracy"] == trained["accuracy"]
+
+
+@pytest.mark.timeout(400)
+def test_a_loss_term_only_one_worker_has_is_logged(runs):
+    rows = [json.loads(line) for line in (runs["root"] / "runs" / "ddp-3" / "metrics.jsonl").read_text().splitlines()]
+    train = [row for row in rows if row["split"] == "train"]
+    assert [row["step"] for row in train] == [1, 2, 3]
+    assert all(row["rank_1_only"] == 0.0 and row["ce"] > 0 for row in train)
