@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .errors import ConfigError, nearest
 
@@ -38,7 +38,7 @@ class RunSettings(Options):
     schedule: Literal["constant", "cosine"] = "cosine"
     grad_clip: float | None = Field(1.0, gt=0)
     log_every: int = Field(10, ge=1)
-    runs_dir: str = "runs"
+    runs_dir: str = Field("runs", description="a folder, or a storage URI (s3://, gs://, file://...)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     loader_workers: int = Field(0, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -46,16 +46,6 @@ class RunSettings(Options):
                                          "(besides every epoch's end)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accumulation: int = Field(1, ge=1, description="batches per optimizer step")
-
-    @field_validator("runs_dir")
-    @classmethod
-    def _a_folder_not_a_uri(cls, value: str) -> str:
-        # Path("s3://bucket/runs") is the local folder "s3:/bucket/runs": refuse it rather than
-        # train into the wrong place.
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
-            raise ValueError("storage URIs are not supported yet: give a folder that every "
-                             "node sees (a local path, NFS or another shared mount)")
-        return value
 
 
 class ScalingSettings(Options):

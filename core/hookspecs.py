@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from pydantic import BaseModel
 
@@ -166,6 +168,12 @@ def plait_state_dict(state: RunState) -> dict | None:
 @hookspec
 def plait_load_state_dict(state: RunState, data: dict) -> None:
     """Restore this plugin's state from what its ``plait_state_dict`` returned."""
+
+
+@hookspec
+def plait_checkpoint_saved(state: RunState, path: Path) -> None:
+    """A checkpoint folder ``path`` is complete on disk (main process only): copy it
+    elsewhere, announce it. Remote run folders (``run.runs_dir: s3://...``) upload it here."""
 
 
 # --------------------------------------------------------------------- output

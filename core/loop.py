@@ -420,7 +420,8 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
     def save_checkpoint(batches_done: int) -> None:
         weights, trainer_state = checkpoint.model_weights(model), _trainer_state(state, batches_done)
         if state.is_main:
-            checkpoint.save(run_dir / "checkpoints", state.step, weights, trainer_state, run.keep_checkpoints)
+            path = checkpoint.save(run_dir / "checkpoints", state.step, weights, trainer_state, run.keep_checkpoints)
+            plugins.call_each("plait_checkpoint_saved", state=state, path=path)
 
     plugins.call_each("plait_fit_start", state=state)
     started = time.perf_counter()

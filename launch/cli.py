@@ -49,15 +49,15 @@ def print_results(title: str, results: dict[str, dict[str, float]]) -> None:
 
 # ------------------------------------------------------------------ commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from plait.core.loop import run_dir_for
     from plait.launch import ray_runner
+    from plait.launch.storage import run_location
 
     raw = load_config(args.config, args.overrides)
     config, _ = prepare(raw, str(args.config))  # validate before anything starts
     results = ray_runner.train(config, raw, address=args.address, verbose=args.verbose)
     if "test" in results:
         print_results("test accuracy", results["test"])
-    print(f"run folder: {run_dir_for(config)}  ({results['world_size']} worker(s), "
+    print(f"run folder: {run_location(config.run.runs_dir, config.run.name)}  ({results['world_size']} worker(s), "
           f"{results['samples_per_s']:.0f} samples/s, {results['steps']} steps)")
     return 0
 

@@ -9,7 +9,7 @@ Checkpoints are plait's own (``runs/<name>/checkpoints``, written by rank 0): Ra
 mode keeps no checkpoint, and one format means ``plait eval`` and resuming work the same
 either way. When Ray restarts a failed worker group (``scaling.max_failures``), the
 restarted workers resume from that folder, so on a multi-node cluster ``run.runs_dir``
-must be storage that every node sees.
+must be storage that every node sees: a shared mount or a storage URI (``launch/storage.py``).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ import torch
 from plait.core.config import PlaitConfig
 from plait.core.errors import ConfigError, PlaitError
 from plait.core.hookspecs import hookimpl
-from plait.core.loop import Distributed, fit, run_dir_for
+from plait.core.loop import Distributed, fit
+from plait.launch.storage import RemoteRuns, StorageSync, is_uri, staging_dir
 
 # An embedding at least this large sends sparse gradients (the rows a batch used) through DDP:
 # the 30,522-row text vocabulary is half the default model's parameters, but a batch touches a
@@ -90,6 +91,11 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     config, plugins = prepare(loop_config["raw"], loop_config["source"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    if is_uri(config.run.runs_dir):  # train in a local folder filled from storage, rank 0 uploads
+        remote = RemoteRuns(config.run.runs_dir, config.source)
+        config.run.runs_dir = str(remote.stage(config.run.name, staging_dir(remote.uri, rank)).parent)
+        if rank == 0:
+            plugins.pm.register(StorageSync(remote), name="plait-storage")
     strategy = config.scaling.strategy
 
     def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -244,7 +250,11 @@ def check_resources(config: PlaitConfig) -> None:
             )
 
 
-def check_storage(config: PlaitConfig) -> Path:
+def check_storage(config: PlaitConfig) -> str:
+    """The runs folder or storage URI, once it is known to be writable."""
+    if is_uri(config.run.runs_dir):
+        RemoteRuns(config.run.runs_dir, config.source).check_writable()
+        return config.run.runs_dir
     runs = Path(config.run.runs_dir).resolve()
     try:
         runs.mkdir(parents=True, exist_ok=True)
@@ -253,7 +263,7 @@ def check_storage(config: PlaitConfig) -> Path:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"{config.source}: run.runs_dir: cannot write to {runs}: {exc.strerror}") from None
-    return runs
+    return str(runs)
 
 
 def _worker_error(exc: Exception) -> PlaitError | None:
@@ -300,7 +310,7 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
         # No CheckpointConfig: Ray is handed no checkpoint, and run.keep_checkpoints already
         # bounds plait's own (see the module docstring).
         run_config=RunConfig(
-            name=config.run.name, storage_path=str(runs),
+            name=config.run.name, storage_path=runs,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
         ),
     )
@@ -332,5 +342,6 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
     if metrics is None:  # local mode returns what the train function reported too; read the folder else
         import json
 
-        metrics = json.loads((run_dir_for(config) / "metrics.json").read_text())
+        runs_dir = staging_dir(runs, 0) if is_uri(runs) else Path(runs)
+        metrics = json.loads((runs_dir / config.run.name / "metrics.json").read_text())
     return metrics

@@ -25,6 +25,7 @@ from plait.core.config import PlaitConfig
 from plait.core.errors import ConfigError, PlaitError
 from plait.core.manager import Plugins
 from plait.launch.ray_runner import check_reachable
+from plait.launch.storage import is_uri
 
 TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 ENTRYPOINT = "python -m plait.launch.cli train config.yaml"
@@ -53,10 +54,11 @@ def client(address: str | None) -> Any:
 
 
 def job_config(config: PlaitConfig) -> dict[str, Any]:
-    """The resolved config as the job runs it: the runs folder made absolute (the job's own
-    working folder is temporary; the config refuses storage URIs)."""
+    """The resolved config as the job runs it: a runs folder made absolute (the job's own
+    working folder is temporary); a storage URI as it is."""
     resolved = config.to_dict()
-    resolved["run"]["runs_dir"] = str(Path(resolved["run"]["runs_dir"]).resolve())
+    if not is_uri(resolved["run"]["runs_dir"]):
+        resolved["run"]["runs_dir"] = str(Path(resolved["run"]["runs_dir"]).resolve())
     return resolved
 
 

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+PLUGINS_FOR_TESTS = Path(__file__).parent / "plugins_for_tests"
+sys.path.insert(0, str(PLUGINS_FOR_TESTS))  # test plugins, named in configs like any other
 
 TINY_PLUGINS = {
     "spoken_digits": {"train_size": 192, "val_size": 64, "test_size": 64, "renderings": 2, "eval_renderings": 1,

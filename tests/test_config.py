@@ -107,9 +107,3 @@ def test_empty_plugin_block_means_defaults(tmp_path):
     config = resolve(load_config(path), {"moe": Demo}, str(path))
     assert config.options(Demo) == Demo()
 
-
-def test_a_storage_uri_as_runs_dir_is_refused_not_made_a_local_folder(tmp_path):
-    path = write(tmp_path, "c.yaml", "run: {runs_dir: 's3://bucket/runs'}\n")
-    with pytest.raises(ConfigError, match=r"run\.runs_dir: .*storage URIs are not supported yet"):
-        resolve(load_config(path), {}, str(path))
-    assert not (tmp_path / "s3:").exists()

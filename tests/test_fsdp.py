@@ -2,7 +2,6 @@
 DDP while each worker holds half the weights, its checkpoints resume exactly, and they load
 into a plain model for `plait eval`."""
 import json
-import sys
 
 import pytest
 import torch
@@ -20,24 +19,6 @@ from plait.launch.evaluate import evaluate_run
 from plait.launch.ray_runner import shard_model, sparse_embedding_gradients
 
 pytestmark = pytest.mark.slow
-
-STOP_AT_10 = """
-from plait.core.hookspecs import hookimpl
-
-@hookimpl
-def plait_batch_start(state, batch):
-    if state.step == 10:
-        raise RuntimeError("stopped at step 10")
-"""
-
-RANK_1_TERM = """
-from plait.core.hookspecs import hookimpl
-
-@hookimpl
-def plait_loss_terms(state, batch, outputs):
-    return {"rank_1_only": outputs["logits"].sum() * 0.0} if state.rank == 1 else {}
-"""
-
 
 def _distributed(rank: int, strategy: str, seed: int) -> Distributed:
     def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,8 +39,7 @@ def _distributed(rank: int, strategy: str, seed: int) -> Distributed:
                        device=torch.device("cpu"), lockstep=strategy == "fsdp")
 
 
-def _worker(rank: int, port: int, configs: dict, plugin_dir: str, results: dict) -> None:
-    sys.path.insert(0, plugin_dir)
+def _worker(rank: int, port: int, configs: dict, results: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     out = {}
@@ -80,8 +60,6 @@ def _worker(rank: int, port: int, configs: dict, plugin_dir: str, results: dict)
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    (root / "stop_at_10.py").write_text(STOP_AT_10)
-    (root / "rank_1_term.py").write_text(RANK_1_TERM)
     plugins = {**TINY_PLUGINS, "spoken_digits": {**TINY_PLUGINS["spoken_digits"], "test_size": 65}}
 
     def write(name: str, extra: dict | None = None, file: str | None = None, **run) -> str:
@@ -97,12 +75,12 @@ def runs(tmp_path_factory):
         "ddp": (write("ddp"), "ddp"),
         "fsdp-3": (write("fsdp-3", max_steps=3), "fsdp"),
         "ddp-3": (write("ddp-3", {"rank_1_term": {}}, max_steps=3, log_every=1), "ddp"),
-        "stopped": (write("split", {"stop_at_10": {}}, "stopped"), "fsdp"),  # last checkpoint: step 8, mid-epoch
+        "stopped": (write("split", {"stop_at": {"step": 10}}, "stopped"), "fsdp"),  # last checkpoint: step 8, mid-epoch
         "resumed": (write("split"), "fsdp"),
     }
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(free_port(), configs, str(root), results), nprocs=2)
+        mp.spawn(_worker, args=(free_port(), configs, results), nprocs=2)
         return {"root": root, **dict(results)}
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import PLUGINS_FOR_TESTS
 
 from plait.core.config import load_config
 from plait.core.errors import ConfigError, PlaitError
@@ -13,18 +14,14 @@ from plait.launch import ray_runner
 from plait.launch.cli import prepare
 
 pytestmark = pytest.mark.slow
-TESTS = Path(__file__).parent
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    import sys
-
     import ray
 
-    sys.path.insert(0, str(TESTS / "plugins_for_tests"))  # the driver validates the config too
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(TESTS / "plugins_for_tests")}})
+             runtime_env={"env_vars": {"PYTHONPATH": str(PLUGINS_FOR_TESTS)}})
     yield
     ray.shutdown()
 
@@ -66,17 +63,21 @@ def test_fsdp_shards_the_model_over_two_ray_workers(write_config):
     assert again["accuracy"] == results["test"]["fused"]["accuracy"] and again["samples"] == 64
 
 
-def test_a_failed_worker_is_restarted_by_ray_and_resumes(write_config, tmp_path):
-    marker = tmp_path / "failed-once"
+def test_a_failed_worker_is_restarted_by_ray_and_resumes_from_storage(write_config, tmp_path):
+    # The runs folder is a storage URI: restarted workers fill their folders from it afresh.
+    marker, remote = tmp_path / "failed-once", tmp_path / "bucket"
     path, _ = configure(write_config, {"fail_once": {"marker": str(marker), "at_step": 5}}, name="restart",
-                        epochs=2, log_every=1, checkpoint_every=2)
+                        epochs=2, log_every=1, checkpoint_every=2, runs_dir=f"file://{remote}")
     config, results = run_ray(path, ["scaling.num_workers=2", "scaling.max_failures=1"])
     assert marker.exists()  # it did fail
     assert results["steps"] == 6
-    steps = [json.loads(line)["step"] for line in (Path(config.run.runs_dir) / "restart" / "metrics.jsonl")
+    steps = [json.loads(line)["step"] for line in (remote / "restart" / "metrics.jsonl")
              .read_text().splitlines() if json.loads(line)["split"] == "train"]
-    assert steps[:5] == [1, 2, 3, 4, 5] and steps[-1] == 6
-    assert steps.count(5) == 2  # steps 5 and 6 ran again after resuming from the step-4 checkpoint
+    # Rows logged after the step-4 checkpoint were never uploaded; the restarted workers took
+    # steps 1-4 (and their rows) from storage and trained 5 and 6 again. A restart from scratch
+    # would have logged 1-4 twice.
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (remote / "restart" / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
 
 
 def test_without_retries_the_error_names_rank_plugin_and_hook(write_config, tmp_path):

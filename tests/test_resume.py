@@ -9,18 +9,6 @@ from plait.launch.cli import load
 
 pytestmark = pytest.mark.slow
 
-STOP_PLUGIN = """
-from plait.core.hookspecs import hookimpl
-
-class Interrupted(Exception):
-    pass
-
-@hookimpl
-def plait_batch_start(state, batch):
-    if state.step == 7:
-        raise Interrupted("stopped at step 7")
-"""
-
 PLUGIN_STATE = """
 from plait.core.hookspecs import hookimpl
 import torch
@@ -48,7 +36,6 @@ def weights(run_dir):
 def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path, write_config, monkeypatch):
     from conftest import TINY_PLUGINS
 
-    (tmp_path / "stop_at_7.py").write_text(STOP_PLUGIN)
     (tmp_path / "count_batches.py").write_text(PLUGIN_STATE)
     monkeypatch.syspath_prepend(str(tmp_path))
     settings = dict(epochs=2, checkpoint_every=5, batch_size=32)  # 6 batches an epoch: resume mid-epoch 1
@@ -59,7 +46,7 @@ def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path, write_config, mo
 
     count_batches.SEEN["batches"] = 0
     with pytest.raises(Exception, match="stopped at step 7"):
-        config, plugins = load(str(write_config({**TINY_PLUGINS, "count_batches": {}, "stop_at_7": {}},
+        config, plugins = load(str(write_config({**TINY_PLUGINS, "count_batches": {}, "stop_at": {"step": 7}},
                                                 name="split", **settings)), [])
         fit(config, plugins)
     assert checkpoint.latest(tmp_path / "runs" / "split" / "checkpoints").name == "step-00000006"
