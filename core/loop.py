@@ -351,6 +351,7 @@ def _epoch_loader(loader: DataLoader, epoch: int, seed: int, skip_batches: int) 
         return loader
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=SkipSampler(sampler, skip_batches *
                       loader.batch_size), collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
                       generator=loader.generator)  # the loader draws its worker seed from it: same RNG use
 
 
