@@ -504,6 +504,8 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
     results: dict[str, Any] = {"world_size": state.world_size, "steps": state.step,
                                "train_seconds": round(train_seconds, 2),
                                "samples_per_s": round(samples_seen / max(train_seconds, 1e-9), 1)}
+    if device.type == "cuda":
+        results["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if "val" in state.metrics:
         results["val"] = state.metrics["val"]
     if "test" in eval_loaders:
