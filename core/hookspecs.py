@@ -129,6 +129,12 @@ def plait_loss_terms(state: RunState, batch: dict, outputs: dict) -> dict[str, t
 
 
 @hookspec
+def plait_train_metrics(state: RunState) -> dict[str, float] | None:
+    """Return values to log with this training row (every ``run.log_every`` steps), e.g. an
+    average since the last row. Each worker's values are averaged over the workers."""
+
+
+@hookspec
 def plait_after_backward(state: RunState) -> None:
     """Gradients exist and the optimizer has not stepped yet (inspect or clip them here)."""
 

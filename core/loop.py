@@ -471,16 +471,21 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
             plugins.call_each("plait_batch_end", state=state, batch=batch, outputs=outputs, loss=loss)
             if state.step % run.log_every == 0:
                 now = time.perf_counter()
-                # A term may be missing from one worker's batches (no pair for a contrastive
-                # loss): agree on the names first, then sum each term and how often it was there.
-                names = sorted(set().union(*all_gather(sorted({n for m in micro for n in m[2]}))))
+                # (sum, count) of each loss term and plugin metric on this worker. A term may be
+                # missing from one worker's batches (no pair for a contrastive loss): agree on the
+                # names first, then average each over the workers and batches that had it.
+                values = {n: (sum(m[2][n].item() for m in micro if n in m[2]), sum(n in m[2] for m in micro))
+                          for n in {n for m in micro for n in m[2]}}
+                for extra in plugins.call_each("plait_train_metrics", state=state).values():
+                    values.update({n: (float(v), 1) for n, v in (extra or {}).items()})
+                names = sorted(set().union(*all_gather(sorted(values))))
                 local = [sum(m[1].item() for m in micro) / len(micro), window_samples]
                 for name in names:
-                    local += [sum(m[2][name].item() for m in micro if name in m[2]), sum(name in m[2] for m in micro)]
-                loss_sum, samples, *term_sums = all_reduce_sum(local)
+                    local += values.get(name, (0.0, 0))
+                loss_sum, samples, *sums = all_reduce_sum(local)
                 state.metrics["train"] = {
                     "loss": loss_sum / state.world_size,
-                    **{name: term_sums[2 * i] / max(1.0, term_sums[2 * i + 1]) for i, name in enumerate(names)},
+                    **{name: sums[2 * i] / max(1.0, sums[2 * i + 1]) for i, name in enumerate(names)},
                     "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": samples / max(now - window_start, 1e-9),
                 }

@@ -1,0 +1,337 @@
+"""Sparse mixture-of-experts feed-forward blocks for the fusion transformer and the text encoder.
+
+Routers: top-k softmax (k=1 Switch, k=2 GShard/Mixtral with renormalised gates), noisy top-k
+(Shazeer et al. 2017), expert choice (Zhou et al. 2022; every expert picks its tokens, so it
+sees the whole sequence: encoders only), and auxiliary-loss-free balancing with a per-expert
+bias on the routing scores (DeepSeek-V3). Router math runs in fp32.
+
+Dispatch is vectorised: assignments are ranked within their expert by a cumulative sum, copied
+into an [experts, capacity, dim] buffer, run through the experts as two batched matmuls and
+scattered back, weighted by their gates. With ``capacity_factor`` set, assignments past an
+expert's capacity are dropped (first choices before second ones); ``capacity_factor: null`` is
+dropless (capacity = the busiest expert's load).
+
+Losses (``plait_loss_terms``): the Switch load-balancing loss ``alpha * N * sum_i f_i * P_i``
+(``f_i`` the fraction of assignments to expert i, ``P_i`` its mean router probability; alpha for
+perfectly uniform routing) and the ST-MoE router z-loss. Metrics at every log step: per-expert
+load, dropped fraction, router entropy, dead experts; ``expert_load.png`` in the run folder.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from plait.core.config import Options
+from plait.core.errors import ConfigError
+from plait.core.hookspecs import hookimpl
+
+ROUTERS = ("topk", "noisy_topk", "expert_choice")
+
+
+class MoEOptions(Options):
+    experts: int = Field(4, ge=1, description="experts per MoE layer")
+    top_k: int = Field(1, ge=1, description="experts per token (top-k routers)")
+    router: Literal["topk", "noisy_topk", "expert_choice"] = "topk"
+    capacity_factor: float | None = Field(1.25, gt=0, description="expert capacity = factor x tokens x k / "
+                                          "experts; null: dropless")
+    balance: Literal["aux_loss", "bias"] = Field("aux_loss", description="aux_loss (Switch) or bias "
+                                                 "(DeepSeek-V3, auxiliary-loss-free)")
+    aux_loss_weight: float = Field(0.01, ge=0, description="alpha of the load-balancing loss")
+    z_loss_weight: float = Field(0.001, ge=0)
+    bias_update_rate: float = Field(0.001, gt=0, description="DeepSeek-V3's u: bias step per batch")
+    expert_hidden: int | None = Field(None, ge=1, description="an expert's hidden width (default: the "
+                                      "replaced feed-forward block's, so top-1 keeps the active parameters)")
+    targets: list[Literal["fusion", "text", "audio"]] = Field(["fusion"], min_length=1)
+    modality_aware: bool = Field(False, description="the router also sees each token's modality")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MoEOptions:
+        if self.router != "expert_choice" and self.top_k > self.experts:
+            raise ValueError(f"top_k ({self.top_k}) is larger than experts ({self.experts})")
+        return self
+
+
+class MoELayer(nn.Module):
+    """A feed-forward block of ``experts`` two-layer MLPs and a router. ``forward(x)`` takes
+    [..., dim] tokens; ``modality`` ([...] ids, optional) feeds a modality-aware router."""
+
+    def __init__(self, dim: int, hidden: int, options: MoEOptions, activation: str = "gelu",
+                 dropout: float = 0.0, modalities: int = 0) -> None:
+        super().__init__()
+        self.options = options
+        experts = options.experts
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.noise = nn.Linear(dim, experts, bias=False) if options.router == "noisy_topk" else None
+        self.modality_embedding = nn.Embedding(modalities, dim) if options.modality_aware and modalities else None
+        self.register_buffer("balance_bias", torch.zeros(experts))  # DeepSeek-V3; moved by a rule, not by SGD
+        scale1, scale2 = 1 / math.sqrt(dim), 1 / math.sqrt(hidden)
+        self.w1 = nn.Parameter(torch.empty(experts, dim, hidden).uniform_(-scale1, scale1))
+        self.b1 = nn.Parameter(torch.zeros(experts, 1, hidden))
+        self.w2 = nn.Parameter(torch.empty(experts, hidden, dim).uniform_(-scale2, scale2))
+        self.b2 = nn.Parameter(torch.zeros(experts, 1, dim))
+        self.activation = F.relu if activation == "relu" else F.gelu
+        self.dropout = nn.Dropout(dropout)
+        self.losses: dict[str, torch.Tensor] = {}  # of the last forward, for plait_loss_terms
+        self.stats: dict[str, torch.Tensor] = {}  # of the last forward, detached
+        self.window: dict[str, torch.Tensor] = {}  # training forwards since the last metrics row, summed
+
+    def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        router_in = tokens
+        if self.modality_embedding is not None and modality is not None:
+            router_in = tokens + self.modality_embedding(modality.reshape(-1))
+        with torch.autocast(device_type=x.device.type, enabled=False):  # router math in fp32
+            logits = F.linear(router_in.float(), self.router.weight.float())
+            if self.noise is not None and self.training:
+                noise_std = F.softplus(F.linear(router_in.float(), self.noise.weight.float()))
+                logits = logits + torch.randn_like(logits) * noise_std
+            probs = logits.softmax(dim=-1)
+        if self.options.router == "expert_choice":
+            out, assigned, kept = self._expert_choice(tokens, probs)
+        else:
+            out, assigned, kept = self._token_choice(tokens, logits, probs)
+        self._account(logits, probs, assigned, kept, tokens.shape[0])
+        return out.reshape(shape)
+
+    def _experts(self, buffer: torch.Tensor) -> torch.Tensor:
+        """[experts, capacity, dim] -> [experts, capacity, dim], two batched matmuls."""
+        hidden = self.dropout(self.activation(torch.baddbmm(self.b1.to(buffer.dtype), buffer, self.w1.to(buffer.dtype))))
+        return torch.baddbmm(self.b2.to(buffer.dtype), hidden, self.w2.to(buffer.dtype))
+
+    def _capacity(self, assignments: int, loads: torch.Tensor) -> int:
+        factor = self.options.capacity_factor
+        if factor is None:  # dropless: room for the busiest expert
+            return max(1, int(loads.max()))
+        return max(1, math.ceil(factor * assignments / self.options.experts))
+
+    def _token_choice(self, tokens: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor):
+        experts, k = self.options.experts, self.options.top_k
+        scores = logits + self.balance_bias if self.options.balance == "bias" else logits  # bias: selection only
+        choice = scores.topk(k, dim=-1).indices  # [T, k]
+        gates = probs.gather(1, choice)
+        if k > 1:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        # k-major order: every token's first choice is placed before any second choice
+        expert = choice.t().reshape(-1)
+        token = torch.arange(tokens.shape[0], device=tokens.device).repeat(k)
+        gate = gates.t().reshape(-1)
+        one_hot = F.one_hot(expert, experts)
+        position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # rank of each assignment within its expert
+        loads = one_hot.sum(0)
+        capacity = self._capacity(expert.numel(), loads)
+        kept = position < capacity
+        slot = expert[kept] * capacity + position[kept]
+        buffer = tokens.new_zeros(experts * capacity, tokens.shape[-1])
+        buffer = buffer.index_copy(0, slot, tokens[token[kept]])
+        done = self._experts(buffer.view(experts, capacity, -1)).reshape(experts * capacity, -1)
+        out = done.new_zeros(tokens.shape).index_add(
+            0, token[kept], done[slot] * gate[kept].unsqueeze(-1).to(done.dtype))
+        return out, loads, kept
+
+    def _expert_choice(self, tokens: torch.Tensor, probs: torch.Tensor):
+        experts, count = self.options.experts, tokens.shape[0]
+        # one slot per token on average (capacity_factor 1 when null: expert choice has no dropless form)
+        capacity = min(count, max(1, math.ceil((self.options.capacity_factor or 1.0) * count / experts)))
+        gate, token = probs.t().topk(capacity, dim=-1)  # [E, C]: each expert's best tokens
+        done = self._experts(tokens[token.reshape(-1)].view(experts, capacity, -1))
+        out = done.new_zeros(tokens.shape).index_add(
+            0, token.reshape(-1), (done * gate.unsqueeze(-1).to(done.dtype)).reshape(experts * capacity, -1))
+        chosen = torch.zeros(count, dtype=torch.bool, device=tokens.device)
+        chosen[token.reshape(-1)] = True
+        loads = torch.full((experts,), capacity, device=tokens.device)
+        return out, loads, chosen
+
+    def _account(self, logits: torch.Tensor, probs: torch.Tensor, loads: torch.Tensor, kept: torch.Tensor,
+                 count: int) -> None:
+        experts = self.options.experts
+        load_fraction = loads.float() / loads.sum().clamp(min=1)
+        mean_prob = probs.mean(0)
+        self.losses = {}
+        if self.options.balance == "aux_loss" and self.options.router != "expert_choice":
+            self.losses["moe_aux"] = self.options.aux_loss_weight * experts * (load_fraction * mean_prob).sum()
+        if self.options.z_loss_weight:
+            self.losses["moe_z"] = self.options.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean()
+        if self.options.balance == "bias" and self.training:
+            with torch.no_grad():  # DeepSeek-V3: raise the bias of under-loaded experts, lower the others'
+                self.balance_bias += self.options.bias_update_rate * torch.sign(loads.float().mean() - loads.float())
+        with torch.no_grad():
+            self.stats = {
+                "load": load_fraction.detach(),
+                "dropped": 1.0 - kept.float().mean(),
+                "entropy": -(probs * probs.clamp(min=1e-9).log()).sum(-1).mean(),
+                "forwards": torch.ones(()),
+            }
+            if self.training:
+                self.window = {k: self.window.get(k, 0) + v for k, v in self.stats.items()}
+
+    def window_metrics(self) -> dict[str, float]:
+        """Averages over the training forwards since the last call (which starts a new window)."""
+        window, self.window = self.window, {}
+        if not window:
+            return {}
+        forwards = float(window.pop("forwards"))
+        load = (window["load"] / forwards).tolist()
+        mean = 1.0 / len(load)
+        return {"dropped": float(window["dropped"]) / forwards, "entropy": float(window["entropy"]) / forwards,
+                "dead_experts": sum(fraction == 0 for fraction in load), "max_over_mean_load": max(load) / mean,
+                **{f"load{e}": fraction for e, fraction in enumerate(load)}}
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+class MoEEncoderLayer(nn.Module):
+    """``nn.TransformerEncoderLayer`` (its attention, norms and dropouts) with a mixture of
+    experts as its feed-forward block. Token ``i`` of the sequence is modality ``i`` for a
+    modality-aware router (the fusion sequence is [cls, modality 1, modality 2, ...])."""
+
+    activation_relu_or_gelu = False  # tells nn.TransformerEncoder: no fused fast path
+
+    def __init__(self, layer: nn.TransformerEncoderLayer, moe: MoELayer) -> None:
+        super().__init__()
+        self.self_attn, self.norm1, self.norm2 = layer.self_attn, layer.norm1, layer.norm2
+        self.dropout1, self.dropout2, self.norm_first = layer.dropout1, layer.dropout2, layer.norm_first
+        self.moe = moe
+
+    def _attention(self, x: torch.Tensor, mask, padding_mask, is_causal: bool) -> torch.Tensor:
+        out = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=padding_mask, need_weights=False,
+                             is_causal=is_causal)[0]
+        return self.dropout1(out)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        return self.dropout2(self.moe(x, positions))
+
+    def forward(self, src: torch.Tensor, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
+        x = src
+        if self.norm_first:
+            x = x + self._attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            return x + self._feed_forward(self.norm2(x))
+        x = self.norm1(x + self._attention(x, src_mask, src_key_padding_mask, is_causal))
+        return self.norm2(x + self._feed_forward(x))
+
+
+class MoEBertOutput(nn.Module):
+    """Replaces a BERT layer's feed-forward block (``intermediate`` becomes the identity)."""
+
+    def __init__(self, output: nn.Module, moe: MoELayer) -> None:
+        super().__init__()
+        self.LayerNorm, self.dropout, self.moe = output.LayerNorm, output.dropout, moe
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.moe(input_tensor)) + input_tensor)
+
+
+def _moe_fusion(fusion: nn.Module, options: MoEOptions) -> int:
+    mixer = getattr(fusion, "mixer", None)
+    if not isinstance(mixer, nn.TransformerEncoder):
+        raise ConfigError("plugins.moe.targets: 'fusion' needs the attention fusion (plugins.fusion.kind: "
+                          "attention); the concat fusion has no feed-forward blocks")
+    modalities = 1 + len(getattr(fusion, "modalities", []))  # the cls token, then one token per modality
+    for i, layer in enumerate(mixer.layers):
+        moe = MoELayer(layer.linear1.in_features, options.expert_hidden or layer.linear1.out_features, options,
+                       activation="relu" if layer.activation_relu_or_gelu == 1 else "gelu",
+                       dropout=layer.dropout.p, modalities=modalities)
+        mixer.layers[i] = MoEEncoderLayer(layer, moe)
+    return len(mixer.layers)
+
+
+def _moe_text(encoder: nn.Module, options: MoEOptions) -> int:
+    layers = getattr(getattr(getattr(encoder, "model", None), "encoder", None), "layer", None)
+    if layers is None:
+        raise ConfigError("plugins.moe.targets: 'text' needs the text_encoder plugin's BERT encoder")
+    for layer in layers:
+        config = encoder.model.config
+        if config.hidden_act not in ("gelu", "relu"):
+            raise ConfigError(f"plugins.moe.targets: 'text': activation {config.hidden_act} is not supported")
+        moe = MoELayer(config.hidden_size, options.expert_hidden or config.intermediate_size, options,
+                       activation=config.hidden_act, dropout=0.0)
+        layer.intermediate = nn.Identity()
+        layer.output = MoEBertOutput(layer.output, moe)
+    return len(layers)
+
+
+@hookimpl
+def plait_config_schema():
+    return MoEOptions
+
+
+@hookimpl
+def plait_configure_model(model, config):
+    options = config.options(MoEOptions)
+    encoders = getattr(model, "encoders", {})
+    for target in options.targets:
+        if target == "fusion":
+            _moe_fusion(model.fusion, options)
+        elif target == "text":
+            if "text" not in encoders:
+                raise ConfigError("plugins.moe.targets: 'text', but the model has no text encoder")
+            _moe_text(encoders["text"], options)
+        else:
+            raise ConfigError("plugins.moe.targets: 'audio': the audio encoder is a CNN with no feed-forward "
+                              "blocks to replace; use fusion or text")
+    return None
+
+
+@hookimpl
+def plait_loss_terms(state, batch, outputs):
+    terms: dict[str, torch.Tensor] = {}
+    for _, layer in moe_layers(state.model):
+        for name, value in layer.losses.items():
+            terms[name] = terms[name] + value if name in terms else value
+    return terms or None
+
+
+@hookimpl
+def plait_train_metrics(state):
+    """Per layer i: moe{i}_load{e} (fraction of assignments to expert e), moe{i}_dropped,
+    moe{i}_entropy, moe{i}_dead_experts, moe{i}_max_over_mean_load."""
+    metrics = {}
+    for i, (_, layer) in enumerate(moe_layers(state.model)):
+        metrics.update({f"moe{i}_{k}": v for k, v in layer.window_metrics().items()})
+    return metrics or None
+
+
+def plot_expert_load(rows: list[dict], path) -> bool:
+    """expert_load.png: each layer's load fraction per expert by step (False: nothing to draw)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r.get("split") == "train"]
+    layers = sorted({int(k[3:].split("_")[0]) for r in train for k in r if k.startswith("moe") and "_load" in k
+                     and k.split("_load")[1].isdigit()})
+    if not layers:
+        return False
+    fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.5), squeeze=False)
+    for axis, layer in zip(axes[0], layers):
+        experts = sorted({int(k.split("_load")[1]) for r in train for k in r
+                          if k.startswith(f"moe{layer}_load") and k.split("_load")[1].isdigit()})
+        for expert in experts:
+            key = f"moe{layer}_load{expert}"
+            axis.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], label=f"expert {expert}")
+        axis.axhline(1 / len(experts), color="grey", linestyle="--", linewidth=1, label="uniform")
+        axis.set(xlabel="step", ylabel="fraction of assignments", title=f"MoE layer {layer}", ylim=(0, 1))
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+@hookimpl
+def plait_fit_end(state):
+    metrics_file = state.run_dir / "metrics.jsonl"
+    if state.is_main and metrics_file.exists():  # the whole history, resumed runs included
+        import json
+
+        rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+        plot_expert_load(rows, state.run_dir / "expert_load.png")
