@@ -70,6 +70,15 @@ def plait_sample_transforms(config: PlaitConfig, split: str) -> list[Callable[[d
 
 # ---------------------------------------------------------------------- model
 @hookspec(firstresult=True)
+def plait_build_model(config: PlaitConfig, modalities: tuple[str, ...], num_classes: int) -> torch.nn.Module | None:
+    """Return the whole model, for a task that is not multimodal classification (a causal
+    language model); None lets the encoders, fusion and head plugins build it. Its
+    ``forward(batch)`` returns ``logits``: [B, classes], or [B, T, classes] scored against
+    ``batch["label"]`` [B, T] where -100 marks positions not scored.
+    """
+
+
+@hookspec(firstresult=True)
 def plait_build_encoder(modality: str, config: PlaitConfig) -> torch.nn.Module | None:
     """Return the encoder for ``modality``, or None if this plugin does not encode it.
 

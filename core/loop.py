@@ -240,13 +240,17 @@ def evaluate(state: RunState, loader: DataLoader, keep: set[str] | None = None) 
         if not counted:
             continue
         logits, labels = outputs["logits"].float(), batch["label"]
-        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        total += labels.numel()
+        if logits.dim() == 3:  # a sequence task: every position is scored (-100: not scored)
+            logits, labels = logits.flatten(0, 1), labels.flatten()
+        scored = labels != -100
+        loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum", ignore_index=-100).item()
+        correct += (logits.argmax(-1) == labels)[scored].sum().item()
+        total += int(scored.sum())
         state.plugins.call_each("plait_eval_batch", state=state, batch=batch, outputs=outputs)
     model.train(was_training)
     correct, total, loss_sum = all_reduce_sum([correct, total, loss_sum])
     total = int(total)
+    # samples: what was scored (positions, for a sequence task)
     metrics = {"accuracy": correct / max(1, total), "loss": loss_sum / max(1, total), "samples": total}
     for extra in state.plugins.call_each("plait_eval_metrics", state=state).values():
         metrics.update(extra or {})

@@ -81,7 +81,10 @@ class MultimodalModel(nn.Module):
 
 
 def build_model(plugins: Plugins, config: PlaitConfig, modalities: tuple[str, ...], num_classes: int) -> nn.Module:
-    """Ask the plugins for encoders, fusion and head, then let them rewrite the result."""
+    """Ask the plugins for the model (or its encoders, fusion and head), then let them rewrite it."""
+    whole = plugins.first("plait_build_model", config=config, modalities=modalities, num_classes=num_classes)
+    if whole is not None:
+        return plugins.chain("plait_configure_model", "model", model=whole, config=config)
     encoders = {}
     for modality in modalities:
         encoder = plugins.first("plait_build_encoder", modality=modality, config=config)

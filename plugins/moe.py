@@ -46,7 +46,9 @@ class MoEOptions(Options):
     bias_update_rate: float = Field(0.001, gt=0, description="DeepSeek-V3's u: bias step per batch")
     expert_hidden: int | None = Field(None, ge=1, description="an expert's hidden width (default: the "
                                       "replaced feed-forward block's, so top-1 keeps the active parameters)")
-    targets: list[Literal["fusion", "text", "audio"]] = Field(["fusion"], min_length=1)
+    targets: list[Literal["fusion", "text", "audio", "transformers"]] = Field(
+        ["fusion"], min_length=1, description="fusion, text, or transformers: every nn.TransformerEncoder in the "
+        "model (a task plugin's causal language model)")
     modality_aware: bool = Field(False, description="the router also sees each token's modality")
 
     @model_validator(mode="after")
@@ -124,15 +126,19 @@ class MoELayer(nn.Module):
         one_hot = F.one_hot(expert, experts)
         position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # rank of each assignment within its expert
         loads = one_hot.sum(0)
-        capacity = self._capacity(expert.numel(), loads)
-        kept = position < capacity
-        slot = expert[kept] * capacity + position[kept]
-        buffer = tokens.new_zeros(experts * capacity, tokens.shape[-1])
-        buffer = buffer.index_copy(0, slot, tokens[token[kept]])
-        done = self._experts(buffer.view(experts, capacity, -1)).reshape(experts * capacity, -1)
-        out = done.new_zeros(tokens.shape).index_add(
-            0, token[kept], done[slot] * gate[kept].unsqueeze(-1).to(done.dtype))
+        kept = position < self._capacity(expert.numel(), loads)
+        # group the kept assignments by expert (a stable sort) and run each expert on its rows only:
+        # no padding to the capacity, so top-1 costs what the dense block costs
+        order = torch.argsort(expert[kept], stable=True)
+        rows, gate_rows = token[kept][order], gate[kept][order]
+        counts = torch.bincount(expert[kept], minlength=experts).tolist()
+        done = torch.cat([self._expert(e, part) for e, part in enumerate(tokens[rows].split(counts))])
+        out = done.new_zeros(tokens.shape).index_add(0, rows, done * gate_rows.unsqueeze(-1).to(done.dtype))
         return out, loads, kept
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.dropout(self.activation(torch.addmm(self.b1[e, 0], x, self.w1[e])))
+        return torch.addmm(self.b2[e, 0], hidden, self.w2[e])
 
     def _expert_choice(self, tokens: torch.Tensor, probs: torch.Tensor):
         experts, count = self.options.experts, tokens.shape[0]
@@ -210,6 +216,9 @@ class MoEEncoderLayer(nn.Module):
         return self.dropout2(self.moe(x, positions))
 
     def forward(self, src: torch.Tensor, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
+        if is_causal and self.moe.options.router == "expert_choice":
+            raise ConfigError("plugins.moe.router: expert_choice lets each expert pick among all tokens of a "
+                              "sequence, future ones included: encoders only, not a causal model")
         x = src
         if self.norm_first:
             x = x + self._attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
@@ -229,21 +238,23 @@ class MoEBertOutput(nn.Module):
         return self.LayerNorm(self.dropout(self.moe(input_tensor)) + input_tensor)
 
 
-def _moe_fusion(fusion: nn.Module, options: MoEOptions) -> int:
+def _moe_stack(stack: nn.TransformerEncoder, options: MoEOptions, modalities: int = 0) -> None:
+    for i, layer in enumerate(stack.layers):
+        moe = MoELayer(layer.linear1.in_features, options.expert_hidden or layer.linear1.out_features, options,
+                       activation="relu" if layer.activation_relu_or_gelu == 1 else "gelu",
+                       dropout=layer.dropout.p, modalities=modalities)
+        stack.layers[i] = MoEEncoderLayer(layer, moe)
+
+
+def _moe_fusion(fusion: nn.Module, options: MoEOptions) -> None:
     mixer = getattr(fusion, "mixer", None)
     if not isinstance(mixer, nn.TransformerEncoder):
         raise ConfigError("plugins.moe.targets: 'fusion' needs the attention fusion (plugins.fusion.kind: "
                           "attention); the concat fusion has no feed-forward blocks")
-    modalities = 1 + len(getattr(fusion, "modalities", []))  # the cls token, then one token per modality
-    for i, layer in enumerate(mixer.layers):
-        moe = MoELayer(layer.linear1.in_features, options.expert_hidden or layer.linear1.out_features, options,
-                       activation="relu" if layer.activation_relu_or_gelu == 1 else "gelu",
-                       dropout=layer.dropout.p, modalities=modalities)
-        mixer.layers[i] = MoEEncoderLayer(layer, moe)
-    return len(mixer.layers)
+    _moe_stack(mixer, options, modalities=1 + len(getattr(fusion, "modalities", [])))  # cls, then one per modality
 
 
-def _moe_text(encoder: nn.Module, options: MoEOptions) -> int:
+def _moe_text(encoder: nn.Module, options: MoEOptions) -> None:
     layers = getattr(getattr(getattr(encoder, "model", None), "encoder", None), "layer", None)
     if layers is None:
         raise ConfigError("plugins.moe.targets: 'text' needs the text_encoder plugin's BERT encoder")
@@ -255,7 +266,6 @@ def _moe_text(encoder: nn.Module, options: MoEOptions) -> int:
                        activation=config.hidden_act, dropout=0.0)
         layer.intermediate = nn.Identity()
         layer.output = MoEBertOutput(layer.output, moe)
-    return len(layers)
 
 
 @hookimpl
@@ -268,7 +278,16 @@ def plait_configure_model(model, config):
     options = config.options(MoEOptions)
     encoders = getattr(model, "encoders", {})
     for target in options.targets:
-        if target == "fusion":
+        if target == "transformers":
+            stacks = [m for m in model.modules() if isinstance(m, nn.TransformerEncoder)]
+            if not stacks:
+                raise ConfigError("plugins.moe.targets: 'transformers', but the model has no nn.TransformerEncoder")
+            for stack in stacks:
+                _moe_stack(stack, options)
+        elif target == "fusion":
+            if not hasattr(model, "fusion"):
+                raise ConfigError("plugins.moe.targets: 'fusion', but the model has no fusion module; "
+                                  "use targets: [transformers]")
             _moe_fusion(model.fusion, options)
         elif target == "text":
             if "text" not in encoders:

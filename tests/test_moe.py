@@ -136,3 +136,43 @@ def test_a_run_with_moe_fusion_logs_expert_metrics_and_draws_their_load(write_co
     assert sum(loads) == pytest.approx(1.0)
     assert (run_dir / "expert_load.png").stat().st_size > 10_000
     assert results["test"]["fused"]["samples"] == 64
+
+
+def lm_config(write_config, name: str, moe: dict | None, **run):
+    lm = {"seq_len": 16, "dim": 32, "layers": 1, "heads": 2, "ffn": 64, "max_articles": 200}
+    plugins = {"wiki_lm": lm, **({"moe": moe} if moe is not None else {})}
+    return write_config(plugins, name=name, **{"max_steps": 6, "batch_size": 8, "eval_batch_size": 64, **run})
+
+
+@pytest.mark.slow
+def test_moe_language_model_reports_perplexity_and_resumes_exactly(write_config, tmp_path):
+    from safetensors.torch import load_file
+
+    from plait.core import checkpoint
+    from plait.core.loop import fit
+
+    moe = {"experts": 4, "top_k": 2, "targets": ["transformers"], "balance": "bias"}
+    config, plugins = load(str(lm_config(write_config, "lm-whole", moe, checkpoint_every=2)), [])
+    whole = fit(config, plugins)
+    val = whole.metrics["val"]
+    assert val["perplexity"] == pytest.approx(torch.tensor(val["loss"]).exp().item(), rel=1e-6)
+    assert val["bits_per_byte"] == pytest.approx(val["loss"] / 0.6931471805599453, rel=1e-6)
+    assert val["perplexity"] < 256  # better than uniform over bytes after 6 steps
+    assert len(moe_layers(whole.model)) == 1
+
+    with pytest.raises(RuntimeError, match="stopped at step 5"):  # the newest checkpoint: step 4
+        fit(*load(str(lm_config(write_config, "lm-split", moe, checkpoint_every=2)), ["plugins.stop_at={step: 5}"]))
+    resumed = fit(*load(str(lm_config(write_config, "lm-split", moe, checkpoint_every=2)), []))
+    a = load_file(str(checkpoint.latest(whole.run_dir / "checkpoints") / "model.safetensors"))
+    b = load_file(str(checkpoint.latest(resumed.run_dir / "checkpoints") / "model.safetensors"))
+    assert any("balance_bias" in k for k in a)  # the balancing bias is saved and restored
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_expert_choice_is_refused_in_a_causal_model(write_config):
+    from plait.core.loop import fit
+
+    config, plugins = load(str(lm_config(write_config, "lm-ec", {"router": "expert_choice",
+                                                                    "targets": ["transformers"]})), [])
+    with pytest.raises(ConfigError, match="expert_choice .* encoders only"):
+        fit(config, plugins)

@@ -51,6 +51,15 @@ def test_two_workers_train_and_count_each_test_sample_once(write_config):
     assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
 
 
+def test_moe_fusion_trains_with_two_ddp_workers(write_config):
+    path, _ = configure(write_config, {"moe": {"experts": 4, "top_k": 2}}, name="moe-ddp", log_every=1)
+    config, results = run_ray(path, ["scaling.num_workers=2"])
+    assert results["world_size"] == 2 and results["steps"] == 3
+    rows = [json.loads(line) for line in (Path(config.run.runs_dir) / "moe-ddp" / "metrics.jsonl").read_text().splitlines()]
+    for row in (r for r in rows if r["split"] == "train"):  # averaged over both workers
+        assert row["moe_aux"] > 0 and sum(row[f"moe0_load{e}"] for e in range(4)) == pytest.approx(1.0)
+
+
 def test_fsdp_shards_the_model_over_two_ray_workers(write_config):
     from plait.launch.evaluate import evaluate_run
 
