@@ -109,6 +109,17 @@ def test_bias_balancing_moves_routing_towards_uniform_without_an_aux_loss():
     assert moe.balance_bias[0] < 0  # the over-loaded expert's bias went down
 
 
+def test_a_modality_aware_router_routes_the_same_vector_by_its_modality():
+    torch.manual_seed(0)
+    moe = MoELayer(16, 32, MoEOptions(experts=4, modality_aware=True), modalities=3)
+    x = torch.randn(1, 16).expand(3, 16)  # one vector, seen as modalities 0, 1 and 2
+    moe(x, torch.arange(3))
+    routed_by_modality = moe.stats["load"].clone()
+    moe(x, torch.zeros(3, dtype=torch.long))  # the same modality three times: one expert
+    assert moe.stats["load"].max() == 1.0
+    assert routed_by_modality.max() < 1.0  # the modality moved at least one token elsewhere
+
+
 @pytest.mark.parametrize("options, expected", [
     ({"experts": 2, "top_k": 3}, "top_k \\(3\\) is larger than experts \\(2\\)"),
     ({"experts": 0}, "plugins.moe.experts"),
