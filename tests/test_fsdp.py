@@ -99,16 +99,18 @@ def test_each_worker_holds_half_the_weights(runs):
 
 @pytest.mark.timeout(400)
 def test_fsdp_trains_the_same_weights_as_ddp(runs):
-    # Three steps: both average the same gradients; float sums in another order differ by ~1e-7,
-    # and the weights by ~1e-6 (a missed reduction moves them by ~lr).
-    # A bias added before a softmax (attention pooling, attention keys) has a zero gradient, so
-    # that noise alone drives its AdamW update: those move by up to lr a step either way.
+    # Three steps: both average the same gradients, but float sums in another order differ by
+    # ~1e-7, and AdamW's first steps are ~lr * sign(gradient): where a gradient is ~0 (a bias
+    # before a softmax, a weight that sees the images' black borders) that noise moves a weight by
+    # up to lr either way. Measured: 172 of 1.13 M weights more than 1e-5 apart, at most 7e-5.
+    # A missed or wrong reduction moves most weights by ~lr.
     fsdp, ddp = _weights(runs, "fsdp-3"), _weights(runs, "ddp-3")
     assert fsdp.keys() == ddp.keys()
-    softmax_invariant = {"encoders.audio.attend.bias", "fusion.mixer.layers.0.self_attn.in_proj_bias"}
-    for name in fsdp:
-        atol = 3 * 3e-3 if name in softmax_invariant else 1e-5  # one AdamW step is ~lr = 3e-3
-        torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-5, atol=atol, msg=name)
+    floats = [k for k in fsdp if fsdp[k].is_floating_point()]
+    apart = [(fsdp[k] - ddp[k]).abs() for k in floats]
+    weights = sum(d.numel() for d in apart)
+    assert sum(int((d > 1e-5).sum()) for d in apart) / weights < 1e-3
+    assert max(float(d.max()) for d in apart) < 3e-3  # one AdamW step at lr 3e-3
     for rank in (0, 1):  # and the model the workers evaluated is the same
         assert runs[rank]["fsdp-3"]["test"]["fused"]["accuracy"] == runs[0]["ddp-3"]["test"]["fused"]["accuracy"]
 
