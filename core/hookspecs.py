@@ -6,6 +6,9 @@ first-result hooks in that order, *end* hooks in reverse (like Composer's FILO),
 plugin that sets something up first tears it down last.
 
 Arguments are passed by name; an implementation may accept any subset of them.
+
+API history: 1.0 the first contract; 1.1 added ``plait_build_model``, ``plait_train_metrics``
+and ``plait_checkpoint_saved``.
 """
 from __future__ import annotations
 
@@ -23,6 +26,10 @@ if TYPE_CHECKING:
     from .state import RunState
 
 PROJECT = "plait"
+#: The version of this hook contract. A plugin may declare the range it supports as a module
+#: attribute, ``PLAIT_API = ">=1.1,<2"``; a plait outside that range refuses it by name.
+#: Minor: hooks or arguments added; major: a hook removed or its meaning changed.
+API_VERSION = "1.1"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 

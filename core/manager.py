@@ -81,13 +81,30 @@ def blocked_reason(info: PluginInfo) -> str | None:
 
 
 def _import(info: PluginInfo) -> ModuleType:
+    dist = f" from {info.distribution} {info.version}" if info.distribution else ""
     try:
-        return importlib.import_module(info.module.split(":")[0])
+        module = importlib.import_module(info.module.split(":")[0])
     except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's, reported by name
-        dist = f" from {info.distribution} {info.version}" if info.distribution else ""
         raise PluginError(
             f"plugin '{info.name}'{dist} failed to import: {type(exc).__name__}: {exc}"
         ) from exc
+    check_api(f"plugin '{info.name}'{dist}", getattr(module, "PLAIT_API", None))
+    return module
+
+
+def check_api(who: str, wanted: str | None) -> None:
+    """Refuse a plugin whose declared ``PLAIT_API`` range excludes this plait's hook contract."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    if wanted is None:
+        return
+    try:
+        supported = SpecifierSet(str(wanted))
+    except InvalidSpecifier:
+        raise PluginError(f"{who}: PLAIT_API {wanted!r} is not a version range (e.g. '>=1.1,<2')") from None
+    if hookspecs.API_VERSION not in supported:
+        raise PluginError(f"{who} supports the plait plugin API {wanted}, but this plait has API "
+                          f"{hookspecs.API_VERSION}: install a release of the plugin made for it, or a plait it supports")
 
 
 def _call(impl: pluggy.HookImpl, hook_name: str, kwargs: dict[str, Any]) -> Any:

@@ -153,3 +153,32 @@ def test_plugin_commands_join_the_cli_and_a_broken_one_is_skipped(plugin_dir, mo
     captured = capsys.readouterr()
     assert "hello from a plugin" in captured.out
     assert "plugin 'bad_commands' could not add its commands: no commands today" in captured.err
+
+
+@pytest.mark.parametrize("module, declared, expected", [
+    ("future_plugin", ">=2,<3", "plugin 'future_plugin' supports the plait plugin API >=2,<3, but this plait has API 1.1"),
+    ("garbled_plugin", "one point oh", "plugin 'garbled_plugin': PLAIT_API 'one point oh' is not a version range"),
+])
+def test_a_plugin_for_another_api_version_is_refused_by_name(plugin_dir, module, declared, expected):
+    plugin_dir(module, f"""
+        PLAIT_API = "{declared}"
+        from plait.core.hookspecs import hookimpl
+        @hookimpl
+        def plait_fit_start(state):
+            pass
+    """)
+    with pytest.raises(PluginError, match=expected):
+        Plugins().load([module])
+    status = {i.name: i for i in list_plugins([module])}[module]
+    assert status.status == "failed" and "API" in status.error
+
+
+def test_a_plugin_within_the_api_range_loads(plugin_dir):
+    plugin_dir("current_plugin", """
+        PLAIT_API = ">=1.1,<2"
+        from plait.core.hookspecs import hookimpl
+        @hookimpl
+        def plait_fit_start(state):
+            pass
+    """)
+    assert Plugins().load(["current_plugin"]).order == ["current_plugin"]
