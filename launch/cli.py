@@ -75,6 +75,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    if args.order:
+        return _print_order(args)
     infos = list_plugins()
     if args.json:
         print(json.dumps([vars(i) for i in infos], indent=1))
@@ -89,6 +91,34 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         status = info.status if not info.error else f"{info.status}: {info.error}"
         table.add_row(info.name, info.source, info.version or "", status, ", ".join(info.hooks))
     Console().print(table)
+    return 0
+
+
+def _print_order(args: argparse.Namespace) -> int:
+    """Per hook, the config's plugins in the order they run."""
+    from plait.launch.hookdoc import hook_order
+
+    _, plugins = load(args.order, [])
+    order = hook_order(plugins)
+    if args.json:
+        print(json.dumps(order, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"hook order for {args.order} (start hooks in YAML order, end hooks reversed)")
+    table.add_column("hook")
+    table.add_column("plugins, in the order they run")
+    for hook, names in order.items():
+        table.add_row(hook, " -> ".join(names))
+    Console().print(table)
+    return 0
+
+
+def cmd_hooks(args: argparse.Namespace) -> int:
+    from plait.launch.hookdoc import hook_reference
+
+    print(hook_reference(args.name), end="")
     return 0
 
 
@@ -158,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = sub.add_parser("plugins", help="list installed plugins")
     plugins.add_argument("--json", action="store_true")
+    plugins.add_argument("--order", metavar="CONFIG", help="print, per hook, the order the config's plugins run in")
     plugins.set_defaults(func=cmd_plugins)
+
+    hooks = sub.add_parser("hooks", help="the hook reference (markdown), or one hook's entry")
+    hooks.add_argument("name", nargs="?")
+    hooks.set_defaults(func=cmd_hooks)
 
     config = sub.add_parser("config", help="print the resolved config")
     config.add_argument("config")

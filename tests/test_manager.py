@@ -182,3 +182,36 @@ def test_a_plugin_within_the_api_range_loads(plugin_dir):
             pass
     """)
     assert Plugins().load(["current_plugin"]).order == ["current_plugin"]
+
+
+def test_plugins_order_prints_the_order_hooks_run_in(plugin_dir, tmp_path, capsys):
+    import json
+
+    from plait.launch.cli import main
+
+    names = [plugin_dir(f"ord_{n}", RECORDING_PLUGIN.replace("{name}", n)) for n in ("a", "b")]
+    config = tmp_path / "order.yaml"
+    config.write_text("plugins:\n  ord_b: {}\n  ord_a: {}\n")  # YAML order, not alphabetical
+    assert main(["plugins", "--order", str(config), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["plait_fit_start"] == ["ord_b", "ord_a"] and printed["plait_fit_end"] == ["ord_a", "ord_b"]
+    plugins = Plugins().load(["ord_b", "ord_a"])  # and that is the order they are called in
+    calls: list = []
+    plugins.call_each("plait_fit_start", state=calls)
+    plugins.call_each("plait_fit_end", state=calls)
+    assert [who for _, who in calls] == [n[-1] for n in printed["plait_fit_start"] + printed["plait_fit_end"]]
+    assert set(names) == set(printed["plait_build_head"])
+
+
+def test_docs_hooks_md_is_the_hook_reference(capsys):
+    from pathlib import Path
+
+    from plait.launch.cli import main
+    from plait.launch.hookdoc import hook_names
+
+    assert main(["hooks"]) == 0
+    printed = capsys.readouterr().out
+    docs = Path(__file__).parents[1] / "docs" / "hooks.md"
+    assert docs.read_text() == printed, "docs/hooks.md is stale: run `plait hooks > docs/hooks.md`"
+    assert all(f"### `{name}(" in printed for name in hook_names())
+    assert len(hook_names()) >= 20 and "plait_build_model" in hook_names()
