@@ -122,6 +122,14 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from plait.launch.scaffold import scaffold
+
+    root = scaffold(args.name, Path(args.dir))
+    print(f"created {root}: `pip install -e {root}`, then `pytest {root}`")
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from plait.launch import submit
 
@@ -194,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     hooks = sub.add_parser("hooks", help="the hook reference (markdown), or one hook's entry")
     hooks.add_argument("name", nargs="?")
     hooks.set_defaults(func=cmd_hooks)
+
+    new_plugin = sub.add_parser("new-plugin", help="scaffold a pip-installable plugin package")
+    new_plugin.add_argument("name", help="the plugin's name (lowercase, digits, _)")
+    new_plugin.add_argument("--dir", default=".", help="where to create plait-NAME/ (default: here)")
+    new_plugin.set_defaults(func=cmd_new_plugin)
 
     config = sub.add_parser("config", help="print the resolved config")
     config.add_argument("config")
