@@ -7,10 +7,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test clean-venv
 
-$(STAMP): pyproject.toml requirements.txt
+EXAMPLES := examples/plait-ema examples/plait-tensorboard
+
+# The example plugins are installed from their folders, as a user installs a plugin package.
+$(STAMP): pyproject.toml requirements.txt $(addsuffix /pyproject.toml,$(EXAMPLES))
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c requirements.txt -e '.[test]' $(addprefix -e ,$(EXAMPLES))
 	touch $(STAMP)
 
 demo: $(STAMP)

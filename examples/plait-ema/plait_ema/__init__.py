@@ -1,0 +1,1 @@
+"""plait plugin ema: an exponential moving average of the weights."""

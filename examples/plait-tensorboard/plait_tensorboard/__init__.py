@@ -1,0 +1,1 @@
+"""plait plugin tensorboard: TensorBoard event files of a run's metrics."""
