@@ -85,11 +85,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title="plait plugins")
-    for column in ("name", "source", "version", "status", "hooks"):
+    for column in ("name", "source", "distribution", "version", "status", "hooks"):
         table.add_column(column)
     for info in infos:
         status = info.status if not info.error else f"{info.status}: {info.error}"
-        table.add_row(info.name, info.source, info.version or "", status, ", ".join(info.hooks))
+        table.add_row(info.name, info.source, info.distribution or "", info.version or "", status, ", ".join(info.hooks))
     Console().print(table)
     return 0
 
