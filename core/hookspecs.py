@@ -7,8 +7,8 @@ plugin that sets something up first tears it down last.
 
 Arguments are passed by name; an implementation may accept any subset of them.
 
-API history: 1.0 the first contract; 1.1 added ``plait_build_model``, ``plait_train_metrics``
-and ``plait_checkpoint_saved``.
+API history: 1.0 the first contract; 1.1 added ``plait_build_model``, ``plait_train_metrics``,
+``plait_checkpoint_saved`` and ``plait_teacher``.
 """
 from __future__ import annotations
 
@@ -205,6 +205,17 @@ def plait_log_metrics(metrics: dict[str, Any], step: int, state: RunState) -> No
 
     ``metrics`` has ``split`` ("train" or "val"), ``step``, ``epoch`` and the values; the
     core has already appended the row to ``metrics.jsonl``.
+    """
+
+
+# ---------------------------------------------------------------- compression
+@hookspec(firstresult=True)
+def plait_teacher(config: PlaitConfig) -> torch.nn.Module | None:
+    """Return a frozen teacher for distillation (``eval()``, no gradients), or None.
+
+    Its ``forward(batch)`` takes the student's batches and returns outputs with ``logits``;
+    it has ``classes`` (the class names, in the order of its logits). The ``distill`` plugin
+    answers with the model of a plait run folder.
     """
 
 

@@ -308,8 +308,10 @@ def _restore(state: RunState, saved: dict[str, Any]) -> int:
     """Load the trainer state; return how many batches of ``state.epoch`` are already done."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    # strict=False: a parameter that never had a gradient (an unused modality's temperature) has
+    # no optimizer state in the checkpoint, exactly as in the run that wrote it
     set_optimizer_state_dict(state.model, state.optimizer, saved["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
+                             options=StateDictOptions(full_state_dict=True, strict=False))
     state.scheduler.load_state_dict(saved["scheduler"])
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])

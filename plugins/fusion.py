@@ -27,6 +27,7 @@ class FusionOptions(Options):
     modality_dropout: float = Field(0.25, ge=0, lt=1, description="chance to hide each modality of a sample in training")
     contrastive_weight: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term (1 - alpha under distillation)")
 
 
 class Fusion(nn.Module):
@@ -119,7 +120,8 @@ def plait_build_head(config, in_dim, num_classes):
 @hookimpl
 def plait_loss_terms(state, batch, outputs):
     options = state.config.options(FusionOptions)
-    terms = {"ce": F.cross_entropy(outputs["logits"].float(), batch["label"], label_smoothing=options.label_smoothing)}
+    terms = {"ce": options.ce_weight * F.cross_entropy(outputs["logits"].float(), batch["label"],
+                                                       label_smoothing=options.label_smoothing)}
     if options.contrastive_weight:
         contrastive = contrastive_loss(outputs)
         if contrastive is not None:

@@ -60,6 +60,22 @@ def test_moe_fusion_trains_with_two_ddp_workers(write_config):
         assert row["moe_aux"] > 0 and sum(row[f"moe0_load{e}"] for e in range(4)) == pytest.approx(1.0)
 
 
+def test_distillation_runs_with_two_workers(write_config, tmp_path):
+    from plait.core.loop import fit
+    from plait.launch.cli import load
+    from plait.testing import TINY_PLUGINS, write_config as write_in
+
+    teacher = fit(*load(str(write_in(tmp_path, TINY_PLUGINS, name="teacher")), [])).run_dir
+    student = {"spoken_digits": TINY_PLUGINS["spoken_digits"], "audio_encoder": {"channels": [4, 8], "dim": 16},
+               "fusion": {"dim": 16, "heads": 2, "ce_weight": 0.1}, "distill": {"teacher": str(teacher)}}
+    path = write_config(student, name="kd-ddp", log_every=1)
+    config, results = run_ray(path, ["scaling.num_workers=2"])
+    assert results["world_size"] == 2 and results["steps"] == 3
+    rows = [json.loads(line) for line in (Path(config.run.runs_dir) / "kd-ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["kd"] > 0 for r in rows if r["split"] == "train")
+    assert (Path(config.run.runs_dir) / "kd-ddp" / "report.md").is_file()  # rank 0 wrote it
+
+
 def test_fsdp_shards_the_model_over_two_ray_workers(write_config):
     from plait.launch.evaluate import evaluate_run
 
