@@ -8,7 +8,7 @@ plugin that sets something up first tears it down last.
 Arguments are passed by name; an implementation may accept any subset of them.
 
 API history: 1.0 the first contract; 1.1 added ``plait_build_model``, ``plait_train_metrics``,
-``plait_checkpoint_saved`` and ``plait_teacher``.
+``plait_checkpoint_saved``, ``plait_teacher`` and the ``metrics`` argument of ``plait_eval_metrics``.
 """
 from __future__ import annotations
 
@@ -177,8 +177,10 @@ def plait_eval_batch(state: RunState, batch: dict, outputs: dict) -> None:
 
 
 @hookspec
-def plait_eval_metrics(state: RunState) -> dict[str, float] | None:
-    """Return extra metrics for the evaluation that just ended, merged into the results."""
+def plait_eval_metrics(state: RunState, metrics: dict[str, float]) -> dict[str, float] | None:
+    """Return extra metrics for the evaluation that just ended, merged into the results.
+
+    ``metrics`` holds the core's own (accuracy, loss, samples), already summed over workers."""
 
 
 # ----------------------------------------------------------------- checkpoint

@@ -252,7 +252,7 @@ def evaluate(state: RunState, loader: DataLoader, keep: set[str] | None = None) 
     total = int(total)
     # samples: what was scored (positions, for a sequence task)
     metrics = {"accuracy": correct / max(1, total), "loss": loss_sum / max(1, total), "samples": total}
-    for extra in state.plugins.call_each("plait_eval_metrics", state=state).values():
+    for extra in state.plugins.call_each("plait_eval_metrics", state=state, metrics=dict(metrics)).values():
         metrics.update(extra or {})
     return metrics
 

@@ -163,6 +163,10 @@ class Plugins:
                 owners = ", ".join(impl.plugin_name for impl in caller.get_hookimpls())
                 raise PluginError(f"plugin '{owners}' implements unknown hook '{name}'{nearest(name, known)}")
 
+    def implementers(self, hook_name: str) -> list[str]:
+        """The plugins implementing ``hook_name``, in the order they are called."""
+        return [impl.plugin_name for impl in self._impls_in_order(hook_name)]
+
     def _impls_in_order(self, hook_name: str) -> list[pluggy.HookImpl]:
         caller = getattr(self.pm.hook, hook_name)
         impls = [i for i in caller.get_hookimpls() if not (i.hookwrapper or i.wrapper)]

@@ -40,9 +40,4 @@ def hook_reference(name: str | None = None) -> str:
 
 def hook_order(plugins: Plugins) -> dict[str, list[str]]:
     """For each hook some loaded plugin implements: the plugins, in the order they are called."""
-    order = {}
-    for name in hook_names():
-        impls = plugins._impls_in_order(name)
-        if impls:
-            order[name] = [impl.plugin_name for impl in impls]
-    return order
+    return {name: found for name in hook_names() if (found := plugins.implementers(name))}

@@ -5,9 +5,10 @@ Routers: top-k softmax (k=1 Switch, k=2 GShard/Mixtral with renormalised gates),
 sees the whole sequence: encoders only), and auxiliary-loss-free balancing with a per-expert
 bias on the routing scores (DeepSeek-V3). Router math runs in fp32.
 
-Dispatch is vectorised: assignments are ranked within their expert by a cumulative sum, copied
-into an [experts, capacity, dim] buffer, run through the experts as two batched matmuls and
-scattered back, weighted by their gates. With ``capacity_factor`` set, assignments past an
+Dispatch is vectorised: assignments are ranked within their expert by a cumulative sum, grouped
+by expert with a stable sort, run through each expert's two matmuls on exactly its rows (a loop
+over experts, none over tokens, no padding to the capacity) and scattered back, weighted by
+their gates. With ``capacity_factor`` set, assignments past an
 expert's capacity are dropped (first choices before second ones); ``capacity_factor: null`` is
 dropless (capacity = the busiest expert's load).
 
@@ -98,13 +99,8 @@ class MoELayer(nn.Module):
             out, assigned, kept = self._expert_choice(tokens, probs)
         else:
             out, assigned, kept = self._token_choice(tokens, logits, probs)
-        self._account(logits, probs, assigned, kept, tokens.shape[0])
+        self._account(logits, probs, assigned, kept)
         return out.reshape(shape)
-
-    def _experts(self, buffer: torch.Tensor) -> torch.Tensor:
-        """[experts, capacity, dim] -> [experts, capacity, dim], two batched matmuls."""
-        hidden = self.dropout(self.activation(torch.baddbmm(self.b1.to(buffer.dtype), buffer, self.w1.to(buffer.dtype))))
-        return torch.baddbmm(self.b2.to(buffer.dtype), hidden, self.w2.to(buffer.dtype))
 
     def _capacity(self, assignments: int, loads: torch.Tensor) -> int:
         factor = self.options.capacity_factor
@@ -129,12 +125,16 @@ class MoELayer(nn.Module):
         kept = position < self._capacity(expert.numel(), loads)
         # group the kept assignments by expert (a stable sort) and run each expert on its rows only:
         # no padding to the capacity, so top-1 costs what the dense block costs
-        order = torch.argsort(expert[kept], stable=True)
+        kept_expert = expert[kept]
+        order = torch.argsort(kept_expert, stable=True)
         rows, gate_rows = token[kept][order], gate[kept][order]
-        counts = torch.bincount(expert[kept], minlength=experts).tolist()
-        done = torch.cat([self._expert(e, part) for e, part in enumerate(tokens[rows].split(counts))])
+        done = self._run_experts(tokens[rows], torch.bincount(kept_expert, minlength=experts).tolist())
         out = done.new_zeros(tokens.shape).index_add(0, rows, done * gate_rows.unsqueeze(-1).to(done.dtype))
         return out, loads, kept
+
+    def _run_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """``rows`` grouped by expert, ``counts[e]`` of them for expert e, through their experts."""
+        return torch.cat([self._expert(e, part) for e, part in enumerate(rows.split(counts))])
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         hidden = self.dropout(self.activation(torch.addmm(self.b1[e, 0], x, self.w1[e])))
@@ -145,16 +145,15 @@ class MoELayer(nn.Module):
         # one slot per token on average (capacity_factor 1 when null: expert choice has no dropless form)
         capacity = min(count, max(1, math.ceil((self.options.capacity_factor or 1.0) * count / experts)))
         gate, token = probs.t().topk(capacity, dim=-1)  # [E, C]: each expert's best tokens
-        done = self._experts(tokens[token.reshape(-1)].view(experts, capacity, -1))
+        done = self._run_experts(tokens[token.reshape(-1)], [capacity] * experts)
         out = done.new_zeros(tokens.shape).index_add(
-            0, token.reshape(-1), (done * gate.unsqueeze(-1).to(done.dtype)).reshape(experts * capacity, -1))
+            0, token.reshape(-1), done * gate.reshape(-1, 1).to(done.dtype))
         chosen = torch.zeros(count, dtype=torch.bool, device=tokens.device)
         chosen[token.reshape(-1)] = True
         loads = torch.full((experts,), capacity, device=tokens.device)
         return out, loads, chosen
 
-    def _account(self, logits: torch.Tensor, probs: torch.Tensor, loads: torch.Tensor, kept: torch.Tensor,
-                 count: int) -> None:
+    def _account(self, logits: torch.Tensor, probs: torch.Tensor, loads: torch.Tensor, kept: torch.Tensor) -> None:
         experts = self.options.experts
         load_fraction = loads.float() / loads.sum().clamp(min=1)
         mean_prob = probs.mean(0)
