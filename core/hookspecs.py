@@ -8,7 +8,8 @@ plugin that sets something up first tears it down last.
 Arguments are passed by name; an implementation may accept any subset of them.
 
 API history: 1.0 the first contract; 1.1 added ``plait_build_model``, ``plait_train_metrics``,
-``plait_checkpoint_saved``, ``plait_teacher`` and the ``metrics`` argument of ``plait_eval_metrics``.
+``plait_checkpoint_saved``, ``plait_teacher`` and the ``metrics`` argument of ``plait_eval_metrics``;
+1.2 the ``plugins`` argument of ``plait_configure_model``.
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from .config import PlaitConfig
+    from .manager import Plugins
     from .state import RunState
 
 PROJECT = "plait"
 #: The version of this hook contract. A plugin may declare the range it supports as a module
 #: attribute, ``PLAIT_API = ">=1.1,<2"``; a plait outside that range refuses it by name.
 #: Minor: hooks or arguments added; major: a hook removed or its meaning changed.
-API_VERSION = "1.1"
+API_VERSION = "1.2"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
@@ -112,8 +114,9 @@ def plait_build_head(config: PlaitConfig, in_dim: int, num_classes: int) -> torc
 
 
 @hookspec
-def plait_configure_model(model: torch.nn.Module, config: PlaitConfig) -> torch.nn.Module | None:
-    """Rewrite the assembled model, in plugin order (MoE swaps feed-forward blocks here).
+def plait_configure_model(model: torch.nn.Module, config: PlaitConfig, plugins: Plugins) -> torch.nn.Module | None:
+    """Rewrite the assembled model, in plugin order (MoE swaps feed-forward blocks here; distillation
+    adds its projections and asks ``plugins`` for the teacher).
 
     Return a new model to replace it, or None after changing it in place.
     """
@@ -215,9 +218,12 @@ def plait_log_metrics(metrics: dict[str, Any], step: int, state: RunState) -> No
 def plait_teacher(config: PlaitConfig) -> torch.nn.Module | None:
     """Return a frozen teacher for distillation (``eval()``, no gradients), or None.
 
-    Its ``forward(batch)`` takes the student's batches and returns outputs with ``logits``;
-    it has ``classes`` (the class names, in the order of its logits). The ``distill`` plugin
-    answers with the model of a plait run folder.
+    Its ``forward(batch)`` takes the student's batches and returns a dict with ``logits``
+    (and ``rows``, the batch rows they score, when not all), or no ``logits`` when it has no
+    classification head; ``classes`` names its logits' classes in order (None without a head);
+    ``model`` is the module that ``hidden`` paths are relative to; ``encoder(modality)`` is the
+    module whose output ``embedding`` distillation matches. The ``distill`` plugin answers with
+    a plait run folder's model or a transformers model folder.
     """
 
 

@@ -84,7 +84,7 @@ def build_model(plugins: Plugins, config: PlaitConfig, modalities: tuple[str, ..
     """Ask the plugins for the model (or its encoders, fusion and head), then let them rewrite it."""
     whole = plugins.first("plait_build_model", config=config, modalities=modalities, num_classes=num_classes)
     if whole is not None:
-        return plugins.chain("plait_configure_model", "model", model=whole, config=config)
+        return plugins.chain("plait_configure_model", "model", model=whole, config=config, plugins=plugins)
     encoders = {}
     for modality in modalities:
         encoder = plugins.first("plait_build_encoder", modality=modality, config=config)
@@ -105,4 +105,4 @@ def build_model(plugins: Plugins, config: PlaitConfig, modalities: tuple[str, ..
     if head is None:
         raise PluginError("no plugin builds a classification head; add 'fusion' to plugins:")
     model = MultimodalModel(encoders, fusion, head)
-    return plugins.chain("plait_configure_model", "model", model=model, config=config)
+    return plugins.chain("plait_configure_model", "model", model=model, config=config, plugins=plugins)

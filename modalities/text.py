@@ -1,6 +1,8 @@
-"""Text: WordPiece tokenization with HF ``tokenizers``, and typo noise for augmentation."""
+"""Text: WordPiece tokenization with HF ``tokenizers``, byte tokenization for small models, and typo
+noise for augmentation."""
 from __future__ import annotations
 
+import hashlib
 import random
 from importlib.resources import files
 from pathlib import Path
@@ -35,12 +37,38 @@ class WordPieceTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    @property
+    def vocabulary(self) -> str:
+        """Names the tokenization: two tokenizers with the same one split a text alike."""
+        pieces = sorted(self.tokenizer.get_vocab().items())
+        return f"wordpiece ({self.vocab_size:,} pieces, {hashlib.sha256(repr(pieces).encode()).hexdigest()[:8]})"
+
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask, both [len(texts), longest]."""
         encoded = self.tokenizer.encode_batch(texts)
         ids = torch.tensor([e.ids for e in encoded], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encoded], dtype=torch.long)
         return ids, mask
+
+
+class ByteTokenizer:
+    """Lower-cased UTF-8 bytes: a 257-entry vocabulary (0 is padding), for models too small to spend
+    most of their parameters on a 30,522-piece embedding table, and robust to typos."""
+
+    vocab_size = 257
+    vocabulary = "bytes (257 ids)"
+
+    def __init__(self, max_length: int = 32) -> None:
+        self.max_length = max_length
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, both [len(texts), longest]; an empty text keeps one pad."""
+        rows = [list(text.lower().encode("utf-8")[: self.max_length]) for text in texts]
+        longest = max(1, max(map(len, rows), default=1))
+        ids = torch.zeros(len(rows), longest, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long) + 1
+        return ids, (ids != 0).long()
 
 
 KEYBOARD_NEIGHBOURS = {

@@ -1,19 +1,27 @@
-"""Knowledge distillation from a trained plait run (the teacher) into the run being trained.
+"""Knowledge distillation from a frozen teacher into the run being trained.
 
-The teacher is the model of a plait run folder (``plait_teacher``): rebuilt from its config,
-loaded from its newest checkpoint, frozen (``eval()``, no gradients) and moved to the student's
-device. Each training batch also goes through the teacher, and the soft-target loss of Hinton
-et al. is added as the term ``kd``:
+The teacher (``plait_teacher``) is a plait run folder's model (rebuilt from its config and newest
+checkpoint) or a local transformers model folder (text only: a sequence-classification model gives
+logits, a bare encoder such as MiniLM gives token states and a sentence embedding). It is frozen
+(``eval()``, no gradients), on the student's device, and sees every training batch the student sees.
+Three losses, each its own logged term:
 
-    kd = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+- ``kd``, Hinton et al.'s soft targets: ``alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))``;
+  with ``fusion: {ce_weight: 1 - alpha}`` the total is Hinton's ``kd + (1 - alpha) * CE``.
+- ``hidden``, TinyBERT-style: the mean squared error between a student module's output and a
+  teacher module's (given by module path), through a learned projection when the widths differ,
+  over real tokens only for token states (both sides must tokenize alike).
+- ``embedding``: ``1 - cosine`` between the student's encoder output for one modality and the
+  teacher's (a bare encoder's mean-pooled states), through a learned projection: for teachers
+  without a classification head.
 
-With ``fusion: {ce_weight: 1 - alpha}`` the total is Hinton's ``kd + (1 - alpha) * CE``.
-
-The student may see fewer modalities than the teacher: a fused audio+image+text teacher
-trains an audio-only student (its config simply has only the audio encoder), which is
-cross-modal distillation. At the end the student's run folder gets ``report.md``: parameters,
-size, CPU latency and test accuracy of teacher and student (and of a run without distillation,
-given as ``baseline``).
+The projections belong to the student's model (``distill.*`` weights, so data-parallel workers
+keep them in step and a resume restores them); its predictions never use them. The student may
+see fewer modalities than the teacher: an audio-only student of a fused audio+image+text teacher
+is cross-modal distillation. ``cache: true`` keeps the teacher's logits and embeddings per
+sample id, for inputs that do not change between epochs. At the end the student's run folder gets
+``report.md``: parameters, size, CPU latency and test accuracy of teacher and student (and of a
+run without distillation, given as ``baseline``).
 
     plugins:
       spoken_digits: {}
@@ -32,19 +40,35 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from plait.core import checkpoint
 from plait.core.config import Options
-from plait.core.errors import ConfigError, DataError
+from plait.core.errors import ConfigError, DataError, nearest
 from plait.core.hookspecs import hookimpl
+from plait.modalities.text import WordPieceTokenizer
+
+
+class HiddenPair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    student: str = Field(..., description="module path in the student, e.g. encoders.text.model.encoder.layer.1")
+    teacher: str = Field(..., description="module path in the teacher, e.g. encoders.text.model.encoder.layer.3")
+    weight: float = Field(1.0, gt=0)
 
 
 class DistillOptions(Options):
-    teacher: str = Field(..., description="a plait run folder whose model teaches")
+    teacher: str = Field(..., description="a plait run folder, or a local transformers model folder (text)")
     temperature: float = Field(4.0, gt=0, description="softens both distributions (T)")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target loss; set fusion.ce_weight "
-                         "to 1 - alpha")
+                         "to 1 - alpha; 0 for a teacher without logits")
+    hidden: list[HiddenPair] = Field([], description="module outputs the student learns to match")
+    embedding: float = Field(0.0, ge=0, description="weight of the cosine loss between the student's and "
+                             "the teacher's embedding of embedding_modality")
+    embedding_modality: str = "text"
+    max_length: int = Field(32, ge=4, description="a transformers teacher's token limit; match the student's")
+    cache: bool = Field(False, description="keep the teacher's logits and embeddings per sample id (only for "
+                        "training inputs that do not change between epochs)")
     baseline: str | None = Field(None, description="a run folder of the same student trained without "
                                  "distillation, for report.md")
 
@@ -59,25 +83,269 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return alpha * temperature**2 * kl
 
 
+def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per feature; with ``mask`` [N, T] (token states [N, T, D]) only over real tokens."""
+    error = (student.float() - teacher.float()).pow(2)
+    if mask is None:
+        return error.mean()
+    weights = mask.unsqueeze(-1).to(error.dtype)
+    return (error * weights).sum() / (weights.sum() * error.shape[-1]).clamp(min=1.0)
+
+
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``1 - cosine`` between matching rows, averaged: direction, not scale, is what is taught."""
+    return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+class RunTeacher(nn.Module):
+    """A plait run folder's model; module paths of ``hidden`` are relative to ``model``."""
+
+    def __init__(self, model: nn.Module, classes: list[str]) -> None:
+        super().__init__()
+        self.model, self.classes = model, classes
+
+    def forward(self, batch: dict) -> dict:
+        return {"logits": self.model(batch)["logits"]}
+
+    def encoder(self, modality: str) -> nn.Module | None:
+        encoders = getattr(self.model, "encoders", {})
+        return encoders[modality] if modality in encoders else None
+
+
+class TransformersTeacher(nn.Module):
+    """A local transformers folder, on the text of the rows that have text. A sequence-classification
+    model gives logits (its ``id2label`` are the classes); a bare encoder, token states and the
+    mean-pooled sentence embedding. Module paths of ``hidden`` are relative to ``model``."""
+
+    def __init__(self, folder: Path, max_length: int) -> None:
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+        super().__init__()
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        head = any(name.endswith("ForSequenceClassification") for name in config.architectures or [])
+        loader = AutoModelForSequenceClassification if head else AutoModel
+        self.model = loader.from_pretrained(str(folder), local_files_only=True)
+        self.classes = [config.id2label[i] for i in range(config.num_labels)] if head else None
+        self.tokenizer = WordPieceTokenizer(folder, max_length)
+        self.out_dim = config.hidden_size
+        self.attention_mask: torch.Tensor | None = None
+        self.embedding: torch.Tensor | None = None
+
+    def forward(self, batch: dict) -> dict:
+        rows = batch["present"]["text"].nonzero().squeeze(1)
+        texts = [batch["inputs"]["text"]["text"][i] for i in rows.tolist()]
+        device = next(self.model.parameters()).device
+        ids, mask = (t.to(device) for t in self.tokenizer(texts or [""]))
+        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        self.attention_mask = mask
+        weights = mask.unsqueeze(-1).to(out.hidden_states[-1].dtype)
+        self.embedding = (out.hidden_states[-1] * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        if self.classes is None:
+            return {}
+        return {"logits": out.logits[: rows.numel()], "rows": rows}
+
+    def encoder(self, modality: str) -> nn.Module | None:
+        return self if modality == "text" else None
+
+
+def _width(module: nn.Module, where: str) -> int:
+    """The feature width a module outputs: ``out_dim``, else that of its last layer with a known one."""
+    if hasattr(module, "out_dim"):
+        return int(module.out_dim)
+    for layer in reversed(list(module.modules())):
+        for attribute in ("out_features", "out_channels", "num_features", "embedding_dim"):
+            if hasattr(layer, attribute):
+                return int(getattr(layer, attribute))
+        if isinstance(layer, nn.LayerNorm):
+            return int(layer.normalized_shape[-1])
+    raise ConfigError(f"plugins.distill.{where}: cannot tell the width of {type(module).__name__}; "
+                      "pick a module that ends in a Linear, convolution or normalization layer")
+
+
+def _module(root: nn.Module, path: str, where: str, whose: str) -> nn.Module:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        names = [name for name, _ in root.named_modules() if name]
+        raise ConfigError(f"plugins.distill.{where}: the {whose} has no module '{path}'{nearest(path, names)}; "
+                          f"its modules include {names[:6]}") from None
+
+
+def _first_tensor(output) -> torch.Tensor:
+    """A module's output tensor (transformers layers return tuples)."""
+    return output if isinstance(output, torch.Tensor) else next(t for t in output if isinstance(t, torch.Tensor))
+
+
+def _modality(path: str) -> str | None:
+    """``encoders.text.model...`` -> ``text``: whose rows (and token mask) a module's output has."""
+    parts = path.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "encoders" else None
+
+
+class Projection(nn.Module):
+    """Student width -> teacher width on the feature axis (channels for [N, C, H, W] maps)."""
+
+    def __init__(self, student_width: int, teacher_width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(student_width, teacher_width) if student_width != teacher_width else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.movedim(1, -1)).movedim(-1, 1) if x.dim() == 4 else self.linear(x)
+
+
+class Distiller:
+    """Computes the distillation terms in the student's forward (so that data-parallel training sees
+    the projections used) and puts them in its outputs as ``distill``."""
+
+    def __init__(self, options: DistillOptions, teacher: nn.Module, student: nn.Module) -> None:
+        self.options, self.teacher = options, teacher
+        self.student_states: dict[str, torch.Tensor] = {}
+        self.teacher_states: dict[str, torch.Tensor] = {}
+        self.cached: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self.masks: list[tuple[nn.Module | None, nn.Module | None]] = []
+        projections = {}
+        for i, pair in enumerate(options.hidden):
+            where = f"hidden[{i}]"
+            mine = _module(student, pair.student, f"{where}.student", "student")
+            theirs = _module(getattr(teacher, "model", teacher), pair.teacher, f"{where}.teacher", "teacher")
+            self._capture(mine, self.student_states, f"hidden{i}")
+            self._capture(theirs, self.teacher_states, f"hidden{i}")
+            projections[f"hidden{i}"] = Projection(_width(mine, f"{where}.student"), _width(theirs, f"{where}.teacher"))
+            self.masks.append(self._token_masks(student, pair, where))
+        if options.embedding:
+            modality = options.embedding_modality
+            encoders = getattr(student, "encoders", {})
+            theirs = teacher.encoder(modality)
+            if modality not in encoders or theirs is None:
+                raise ConfigError(f"plugins.distill.embedding_modality: '{modality}' must be encoded by both the "
+                                  f"student ({sorted(encoders)}) and the teacher")
+            self._capture(encoders[modality], self.student_states, "embedding")
+            if not isinstance(teacher, TransformersTeacher):
+                self._capture(theirs, self.teacher_states, "embedding")
+            projections["embedding"] = Projection(int(encoders[modality].out_dim), int(theirs.out_dim))
+        if options.alpha and getattr(teacher, "classes", None) is None:
+            raise ConfigError(f"plugins.distill.alpha: the teacher {options.teacher} has no classification head, "
+                              "so no soft targets; set alpha: 0 and distil hidden states or the embedding")
+        if options.cache and options.hidden:
+            raise ConfigError("plugins.distill.cache: only logits and embeddings are cached, not hidden states; "
+                              "turn off cache or hidden")
+        student.distill = nn.ModuleDict(projections)  # trained with the student, unused by its predictions
+        student.register_forward_pre_hook(lambda module, args: self.student_states.clear())
+        student.register_forward_hook(self._after_forward)
+
+    @staticmethod
+    def _capture(module: nn.Module, store: dict, key: str) -> None:
+        def hook(_module, _args, output):
+            store[key] = _first_tensor(output)
+        module.register_forward_hook(hook)
+
+    def _token_masks(self, student: nn.Module, pair: HiddenPair, where: str):
+        """The modules whose ``attention_mask`` marks real tokens, after checking both sides tokenize alike."""
+        modality = _modality(pair.student)
+        mine = getattr(student, "encoders", {})[modality] if modality in getattr(student, "encoders", {}) else None
+        theirs = (self.teacher if isinstance(self.teacher, TransformersTeacher)
+                  else self.teacher.encoder(_modality(pair.teacher) or ""))
+        if mine is None or not hasattr(mine, "tokenizer"):
+            return None, None
+        if theirs is None or not hasattr(theirs, "tokenizer"):
+            raise ConfigError(f"plugins.distill.{where}: the student's '{pair.student}' holds token states, the "
+                              f"teacher's '{pair.teacher}' does not")
+        ours, their = mine.tokenizer.vocabulary, theirs.tokenizer.vocabulary
+        if ours != their:
+            raise ConfigError(f"plugins.distill.{where}: token states are matched position by position, so both "
+                              f"must tokenize alike; the teacher's vocabulary is {their}, the student's {ours}")
+        return mine, theirs
+
+    def _teacher_outputs(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(logits, rows they score (None: all), embedding) of the teacher, from the cache when it has them."""
+        ids = batch.get("ids")
+        if self.options.cache and ids and all(i in self.cached for i in ids):
+            logits, embeddings = zip(*(self.cached[i] for i in ids))
+            device = batch["label"].device
+            logits = torch.stack(logits).to(device) if logits[0] is not None else None
+            kept = [e for e in embeddings if e is not None]
+            return logits, None, torch.stack(kept).to(device) if kept else None
+        self.teacher.eval()  # whatever a caller did to it
+        self.teacher_states.clear()
+        out = self.teacher(batch)
+        logits, rows = out.get("logits"), out.get("rows")
+        embedding = (self.teacher.embedding if isinstance(self.teacher, TransformersTeacher)
+                     else self.teacher_states.get("embedding"))
+        if self.options.cache:
+            if not ids or len(set(ids)) != len(ids) or rows is not None:
+                raise DataError("plugins.distill.cache: every sample needs its own id, and the teacher must score "
+                                "every row, to cache the teacher's outputs")
+            present = self._embedding_rows(batch)
+            for position, sample in enumerate(ids):
+                kept = None
+                if embedding is not None and present is not None and bool(present[position]):
+                    kept = embedding[int(present[: position].sum())].cpu()
+                self.cached[sample] = (logits[position].cpu() if logits is not None else None, kept)
+        return logits, rows, embedding
+
+    def _embedding_rows(self, batch: dict) -> torch.Tensor | None:
+        return batch["present"].get(self.options.embedding_modality) if self.options.embedding else None
+
+    def _after_forward(self, student: nn.Module, args: tuple, outputs: dict) -> dict | None:
+        if not student.training or not isinstance(outputs, dict):
+            return None
+        batch, options = args[0], self.options
+        with torch.no_grad():
+            logits, rows, embedding = self._teacher_outputs(batch)
+        terms: dict[str, torch.Tensor] = {}
+        if options.alpha and logits is not None:
+            mine = outputs["logits"] if rows is None else outputs["logits"][rows]
+            terms["kd"] = kd_loss(mine, logits, options.temperature, options.alpha)
+        projections = student.distill
+        for i, pair in enumerate(options.hidden):
+            key = f"hidden{i}"
+            mine, theirs = self.student_states.get(key), self.teacher_states.get(key)
+            if mine is None or theirs is None:
+                continue  # this batch has none of the modality
+            mine = projections[key](mine)
+            if mine.shape != theirs.shape:
+                raise DataError(f"plugins.distill.hidden[{i}]: the student's '{pair.student}' gives {list(mine.shape)} "
+                                f"(projected), the teacher's '{pair.teacher}' {list(theirs.shape)}")
+            owner = self.masks[i][0]
+            mask = owner.attention_mask if owner is not None and mine.dim() == 3 else None
+            loss = pair.weight * hidden_loss(mine, theirs, mask)
+            terms["hidden"] = terms["hidden"] + loss if "hidden" in terms else loss
+        mine = self.student_states.get("embedding")
+        if options.embedding and mine is not None and embedding is not None:
+            terms["embedding"] = options.embedding * embedding_loss(projections["embedding"](mine), embedding)
+        outputs["distill"] = terms
+        return outputs
+
+
 class _Teacher:
     """The teacher of the run this process trains."""
 
-    model: torch.nn.Module | None = None
+    model: nn.Module | None = None
     identity: str | None = None
     resumed: str | None = None  # the teacher a resumed run's checkpoint names
 
 
+def _is_transformers_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and not (folder / "checkpoints").is_dir()
+
+
 def _teacher_checkpoint(folder: Path) -> Path:
     if not folder.is_dir():
-        raise ConfigError(f"plugins.distill.teacher: {folder} does not exist (give a plait run folder)")
+        raise ConfigError(f"plugins.distill.teacher: {folder} does not exist (give a plait run folder or a "
+                          "transformers model folder)")
     newest = checkpoint.latest(folder / "checkpoints")
     if newest is None:
-        raise ConfigError(f"plugins.distill.teacher: {folder} has no checkpoint (is it a plait run folder?)")
+        raise ConfigError(f"plugins.distill.teacher: {folder} has no checkpoint and no config.json (is it a plait "
+                          "run folder or a transformers model folder?)")
     return newest
 
 
 def _identity(folder: Path) -> str:
-    """Which teacher this is: its newest checkpoint's name and a digest of its weights."""
+    """Which teacher this is: the digest of its weights (and, for a run, its newest checkpoint's name)."""
+    if _is_transformers_folder(folder):
+        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()[:16]
+        return f"{folder.resolve()}:{digest}"
     newest = _teacher_checkpoint(folder)
     digest = hashlib.sha256((newest / "model.safetensors").read_bytes()).hexdigest()[:16]
     return f"{folder.resolve()}:{newest.name}:{digest}"
@@ -90,33 +358,44 @@ def plait_config_schema():
 
 @hookimpl
 def plait_teacher(config):
+    options = config.options(DistillOptions)
+    folder = Path(options.teacher)
+    if folder.is_dir() and _is_transformers_folder(folder):
+        return TransformersTeacher(folder, options.max_length).eval().requires_grad_(False)
     from plait.launch.evaluate import load_run  # the same rebuilding `plait eval` does
 
-    folder = Path(config.options(DistillOptions).teacher)
     _teacher_checkpoint(folder)
+    try:
+        _, _, state = load_run(folder)
+    except DataError as exc:
+        raise ConfigError(f"plugins.distill.teacher: {exc}") from None
+    return RunTeacher(state.model, list(state.classes)).eval().requires_grad_(False)
+
+
+@hookimpl
+def plait_configure_model(model, config, plugins):
     # Building the teacher draws random initial weights (then overwritten): on the training's own
-    # random streams, a resumed run's dropout would no longer match the uninterrupted run's.
+    # random streams, the student's initial weights and a resumed run's dropout would change.
     python_state, numpy_state = random.getstate(), np.random.get_state()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=devices):
-            _, _, state = load_run(folder)
-    except DataError as exc:
-        raise ConfigError(f"plugins.distill.teacher: {exc}") from None
+            teacher = plugins.first("plait_teacher", config=config)
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-    model = state.model.eval().requires_grad_(False)
-    model.classes = list(state.classes)
-    return model
+    Distiller(config.options(DistillOptions), teacher, model)
+    _Teacher.model = teacher
+    return None
 
 
 @hookimpl
 def plait_fit_start(state):
     options = state.config.options(DistillOptions)
-    teacher = state.plugins.first("plait_teacher", config=state.config)
-    if list(teacher.classes) != list(state.classes):
-        raise ConfigError(f"plugins.distill.teacher: the teacher's classes {list(teacher.classes)[:12]} are not the "
+    teacher = _Teacher.model
+    classes = getattr(teacher, "classes", None)
+    if options.alpha and list(classes) != list(state.classes):
+        raise ConfigError(f"plugins.distill.teacher: the teacher's classes {list(classes)[:12]} are not the "
                           f"student's {list(state.classes)[:12]} (same names, same order)")
     identity = _identity(Path(options.teacher))
     resumed, _Teacher.resumed = _Teacher.resumed, None
@@ -128,12 +407,7 @@ def plait_fit_start(state):
 
 @hookimpl
 def plait_loss_terms(state, batch, outputs):
-    options = state.config.options(DistillOptions)
-    teacher = _Teacher.model
-    teacher.eval()  # whatever a caller did to it
-    with torch.no_grad():
-        teacher_logits = teacher(batch)["logits"]
-    return {"kd": kd_loss(outputs["logits"], teacher_logits, options.temperature, options.alpha)}
+    return outputs.get("distill")
 
 
 @hookimpl
@@ -180,20 +454,24 @@ def plait_fit_end(state):
     dataset = build_dataset(state.plugins, state.config, "test")
     loader = make_loader(dataset, state.config.run.eval_batch_size, False, state.config.run.seed, 0,
                          ShardSampler(len(dataset), state.rank, state.world_size))
-    # every worker evaluates its shard of the test split: the sums are collective
-    teacher_acc = evaluate(type(state)(**{**vars(state), "model": teacher, "lockstep": False}), loader)["accuracy"]
+    teacher_acc = float("nan")
+    if getattr(teacher, "classes", None) is not None:
+        # every worker evaluates its shard of the test split: the sums are collective
+        teacher_acc = evaluate(type(state)(**{**vars(state), "model": teacher, "lockstep": False}), loader)["accuracy"]
     if not state.is_main:
         return
     batch = move(next(iter(loader)), torch.device("cpu"))
+    projections = sum(p.numel() for p in getattr(student, "distill", nn.Module()).parameters())
     rows = []
-    for name, model, folder, accuracy in (
-        ("teacher", teacher, Path(options.teacher), teacher_acc),
-        ("student (distilled)", student, state.run_dir, state.metrics["test"]["fused"]["accuracy"]),
+    for name, model, folder, accuracy, extra in (
+        ("teacher", teacher, Path(options.teacher), teacher_acc, 0),
+        ("student (distilled)", student, state.run_dir, state.metrics["test"]["fused"]["accuracy"], projections),
     ):
         newest = checkpoint.latest(folder / "checkpoints")
-        size = (newest / "model.safetensors").stat().st_size / 2**20 if newest else float("nan")
+        files = [newest / "model.safetensors"] if newest else sorted(folder.glob("*.safetensors"))
+        size = sum(f.stat().st_size for f in files) / 2**20 if files else float("nan")
         cpu = model.to("cpu").eval()
-        rows.append((name, sum(p.numel() for p in cpu.parameters()), size, _latency_ms(cpu, batch, 1),
+        rows.append((name, sum(p.numel() for p in cpu.parameters()) - extra, size, _latency_ms(cpu, batch, 1),
                      _latency_ms(cpu, batch, 32), accuracy))
     teacher.to(state.device)
     student.to(state.device)
@@ -201,9 +479,12 @@ def plait_fit_end(state):
         metrics = json.loads((Path(options.baseline) / "metrics.json").read_text())
         rows.append(("student without distillation", rows[1][1], float("nan"), float("nan"), float("nan"),
                      metrics["test"]["fused"]["accuracy"]))
+    losses = ", ".join(name for name, on in (("soft targets", options.alpha), ("hidden states", options.hidden),
+                                             ("embedding", options.embedding)) if on)
     lines = [f"# Distillation report: {state.config.run.name}", "",
-             f"Teacher: `{options.teacher}`; T = {options.temperature}, alpha = {options.alpha}; "
-             f"student modalities: {', '.join(state.modalities)}. Latency: CPU, one thread, median of 5.", "",
+             f"Teacher: `{options.teacher}`; {losses}; T = {options.temperature}, alpha = {options.alpha}; "
+             f"student modalities: {', '.join(state.modalities)}. Latency: CPU, one thread, median of 5. "
+             f"The student's parameters leave out the {projections:,} of its training-only projections.", "",
              "| model | parameters | size (MiB) | latency bs1 (ms) | latency bs32 (ms) | test accuracy |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {n} | {p:,} | {s:.2f} | {l1:.2f} | {l32:.2f} | {a:.4f} |" for n, p, s, l1, l32, a in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -12,11 +13,13 @@ from transformers import AutoModel, BertConfig, BertModel
 from plait.core.config import Options
 from plait.core.errors import ConfigError
 from plait.core.hookspecs import hookimpl
-from plait.modalities.text import WordPieceTokenizer, minilm_folder
+from plait.modalities.text import ByteTokenizer, WordPieceTokenizer, minilm_folder
 
 
 class TextEncoderOptions(Options):
     pretrained: str | None = Field(None, description="local model folder, or 'minilm'")
+    tokenizer: Literal["wordpiece", "bytes"] = Field(
+        "wordpiece", description="wordpiece: MiniLM's 30,522 pieces; bytes: 257 ids, for small models")
     hidden: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
@@ -32,12 +35,16 @@ class TextEncoder(nn.Module):
         super().__init__()
         folder = minilm_folder() if options.pretrained == "minilm" else options.pretrained
         if folder is not None:
+            if options.tokenizer != "wordpiece":
+                raise ConfigError("plugins.text_encoder.tokenizer: a pretrained model keeps its own tokenizer; "
+                                  "'bytes' is only for models built from a config")
             if not Path(folder).is_dir():
                 raise ConfigError(f"plugins.text_encoder.pretrained: model folder '{folder}' not found")
             self.tokenizer = WordPieceTokenizer(folder, options.max_length)
             self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
         else:
-            self.tokenizer = WordPieceTokenizer(None, options.max_length)
+            self.tokenizer = (ByteTokenizer(options.max_length) if options.tokenizer == "bytes"
+                              else WordPieceTokenizer(None, options.max_length))
             config = BertConfig(
                 vocab_size=self.tokenizer.vocab_size, hidden_size=options.hidden,
                 num_hidden_layers=options.layers, num_attention_heads=options.heads,
@@ -48,11 +55,13 @@ class TextEncoder(nn.Module):
         if options.freeze:
             self.model.requires_grad_(False)
         self.out_dim = self.model.config.hidden_size
+        self.attention_mask: torch.Tensor | None = None
 
     def forward(self, inputs: dict) -> torch.Tensor:
         device = next(self.model.parameters()).device
         ids, mask = self.tokenizer(inputs["text"])
         ids, mask = ids.to(device), mask.to(device)
+        self.attention_mask = mask  # the last forward's; token-level distillation reads it
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)

@@ -1,4 +1,5 @@
 """Distillation: the loss by hand, a frozen teacher, cross-modal students, resume, bad input."""
+import json
 import math
 
 import pytest
@@ -10,7 +11,8 @@ from plait.core import checkpoint
 from plait.core.errors import ConfigError
 from plait.core.loop import fit
 from plait.launch.cli import load
-from plait.plugins.distill import _Teacher, kd_loss
+from plait.modalities.text import minilm_folder
+from plait.plugins.distill import RunTeacher, _Teacher, embedding_loss, hidden_loss, kd_loss
 
 STUDENT = {  # audio only: cross-modal from the fused teacher
     "spoken_digits": TINY_PLUGINS["spoken_digits"],
@@ -32,6 +34,21 @@ def test_kd_loss_is_the_hand_computed_value_and_scales_with_t_squared():
     assert kd_loss(teacher, teacher, 3.0, 1.0).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_hidden_loss_counts_real_tokens_only_and_embedding_loss_ignores_scale():
+    student, teacher = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert hidden_loss(student, teacher, mask).item() == pytest.approx(1.0)
+    padded = teacher.clone()
+    padded[mask == 0] = 100.0  # what padding holds does not count
+    assert hidden_loss(student, padded, mask).item() == pytest.approx(1.0)
+    assert hidden_loss(student, padded).item() > 1.0  # without a mask it does
+    assert hidden_loss(torch.full((2, 4), 3.0), torch.ones(2, 4)).item() == pytest.approx(4.0)
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert embedding_loss(a, 5 * a).item() == pytest.approx(0.0, abs=1e-6)
+    assert embedding_loss(a[:1], torch.tensor([[0.0, 2.0]])).item() == pytest.approx(1.0)
+    assert embedding_loss(a[:1], -a[:1]).item() == pytest.approx(2.0)
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
     from plait.testing import write_config
@@ -48,9 +65,9 @@ def test_a_fused_teacher_trains_an_audio_student_and_stays_frozen(write_config, 
                                        log_every=1)), []))
     teacher = _Teacher.model
     assert not teacher.training and all(not p.requires_grad and p.grad is None for p in teacher.parameters())
-    after = {k: v.cpu() for k, v in teacher.state_dict().items()}
+    after = {k: v.cpu() for k, v in teacher.model.state_dict().items()}
     assert all(torch.equal(before[k], after[k]) for k in before)  # not a single weight moved
-    assert set(state.modalities) == {"audio"} and set(teacher.encoders) == {"text", "image", "audio"}
+    assert set(state.modalities) == {"audio"} and set(teacher.model.encoders) == {"text", "image", "audio"}
     assert state.metrics["train"]["kd"] > 0
     report = (state.run_dir / "report.md").read_text()
     assert "| teacher |" in report and "| student (distilled) |" in report
@@ -98,3 +115,79 @@ def test_a_teacher_with_other_classes_is_refused(write_config, teacher_dir, tmp_
                "fusion": {"dim": 16, "heads": 2}, "distill": {"teacher": str(teacher_dir)}}
     with pytest.raises(ConfigError, match=r"teacher's classes \['0', '1'.* are not the student's \['a', 'b', 'c'\]"):
         fit(*load(str(write_config(student, name="abc")), []))
+
+
+TEXT_STUDENT = {  # text only, WordPiece like the teacher, narrower (16 wide) than it (32)
+    "spoken_digits": TINY_PLUGINS["spoken_digits"],
+    "text_encoder": {"hidden": 16, "layers": 1, "heads": 2},
+    "fusion": {"dim": 16, "heads": 2, "ce_weight": 0.5},
+}
+LAYER = "encoders.text.model.encoder.layer.0"
+
+
+@pytest.mark.slow
+def test_hidden_states_and_embeddings_are_learned_through_projections(write_config, teacher_dir):
+    distill = {"teacher": str(teacher_dir), "alpha": 0.5, "hidden": [{"student": LAYER, "teacher": LAYER}],
+               "embedding": 1.0, "embedding_modality": "text"}
+    path = write_config({**TEXT_STUDENT, "distill": distill}, name="tinybert", epochs=2)
+    config, plugins = load(str(path), [])
+    state = fit(config, plugins)
+    rows = [r for r in map(json.loads, (state.run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    assert all(r["kd"] > 0 and r["hidden"] > 0 and r["embedding"] > 0 for r in rows)
+    assert rows[-1]["hidden"] < rows[0]["hidden"] and rows[-1]["embedding"] < rows[0]["embedding"]
+    weights = load_file(str(checkpoint.latest(state.run_dir / "checkpoints") / "model.safetensors"))
+    assert weights["distill.hidden0.linear.weight"].shape == (32, 16)  # student width -> teacher width
+    assert weights["distill.embedding.linear.weight"].shape == (32, 16)
+    student = sum(v.numel() for k, v in weights.items() if not k.startswith("distill.")
+                  and not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert f"| student (distilled) | {student:,} |" in (state.run_dir / "report.md").read_text()
+
+
+def test_a_module_path_that_does_not_exist_is_named(write_config, teacher_dir):
+    distill = {"teacher": str(teacher_dir), "hidden": [{"student": "encoders.text.model.encoder.layer.7",
+                                                        "teacher": LAYER}]}
+    with pytest.raises(ConfigError, match=r"hidden\[0\].student: the student has no module "
+                                          r"'encoders.text.model.encoder.layer.7' \(did you mean"):
+        fit(*load(str(write_config({**TEXT_STUDENT, "distill": distill})), []))
+    distill["hidden"] = [{"student": LAYER, "teacher": "encoders.txt"}]
+    with pytest.raises(ConfigError, match=r"hidden\[0\].teacher: the teacher has no module 'encoders.txt'"):
+        fit(*load(str(write_config({**TEXT_STUDENT, "distill": distill})), []))
+
+
+@pytest.mark.slow
+def test_minilm_teaches_token_states_and_its_sentence_embedding(write_config):
+    distill = {"teacher": str(minilm_folder()), "alpha": 0.0, "embedding": 1.0,
+               "hidden": [{"student": LAYER, "teacher": "encoder.layer.5"}]}
+    state = fit(*load(str(write_config({**TEXT_STUDENT, "distill": distill}, name="minilm-kd")), []))
+    assert state.metrics["train"]["hidden"] > 0 and state.metrics["train"]["embedding"] > 0
+    weights = load_file(str(checkpoint.latest(state.run_dir / "checkpoints") / "model.safetensors"))
+    assert weights["distill.hidden0.linear.weight"].shape == (384, 16)
+    assert "| teacher | 22,713,216 |" in (state.run_dir / "report.md").read_text()  # MiniLM-L6, no accuracy
+
+
+def test_a_teacher_that_tokenizes_otherwise_or_has_no_head_is_refused(write_config):
+    byte_student = {**TEXT_STUDENT, "text_encoder": {**TEXT_STUDENT["text_encoder"], "tokenizer": "bytes"}}
+    distill = {"teacher": str(minilm_folder()), "alpha": 0.0,
+               "hidden": [{"student": LAYER, "teacher": "encoder.layer.5"}]}
+    with pytest.raises(ConfigError, match=r"hidden\[0\]: .* the teacher's vocabulary is wordpiece \(30,522 pieces, "
+                                          r"\w+\), the student's bytes \(257 ids\)"):
+        fit(*load(str(write_config({**byte_student, "distill": distill})), []))
+    with pytest.raises(ConfigError, match="has no classification head, so no soft targets"):
+        fit(*load(str(write_config({**TEXT_STUDENT, "distill": {"teacher": str(minilm_folder())}})), []))
+
+
+@pytest.mark.slow
+def test_cached_teacher_outputs_run_the_teacher_in_the_first_epoch_only(write_config, teacher_dir, monkeypatch):
+    calls = []
+    forward = RunTeacher.forward
+    monkeypatch.setattr(RunTeacher, "forward", lambda self, batch: calls.append(1) or forward(self, batch))
+    plugins = {**TEXT_STUDENT, "distill": {"teacher": str(teacher_dir), "embedding": 1.0}}
+    fresh = fit(*load(str(write_config(plugins, name="uncached", epochs=3)), []))
+    uncached_calls, calls[:] = len(calls), []
+    plugins["distill"] = {**plugins["distill"], "cache": True}
+    cached = fit(*load(str(write_config(plugins, name="cached", epochs=3)), []))
+    assert uncached_calls - len(calls) == 2 * 6  # epochs 2 and 3, 6 batches of 32 each (report.md's calls alike)
+    # The same targets, looked up instead of recomputed: equal up to how the fused teacher's audio
+    # features depend on a batch's padding (a few 1e-3; targets of other samples would be far off).
+    for term in ("kd", "embedding", "loss"):
+        assert cached.metrics["train"][term] == pytest.approx(fresh.metrics["train"][term], rel=2e-2)

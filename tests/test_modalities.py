@@ -8,7 +8,7 @@ from plait.core.errors import DataError
 from plait.modalities.audio import SAMPLE_RATE, LogMel, SpecAugment, WaveAugment, add_noise, load_audio
 from plait.modalities.batch import collate
 from plait.modalities.image import ImageAugment, load_image
-from plait.modalities.text import WordPieceTokenizer, add_typos, random_case
+from plait.modalities.text import ByteTokenizer, WordPieceTokenizer, add_typos, random_case
 import random
 
 
@@ -46,6 +46,15 @@ def test_tokenizer_uses_minilm_wordpiece_vocab():
     assert ids.shape == mask.shape == (2, 8)
     assert mask[0].sum() == 3  # [CLS] seven [SEP]
     assert ids[0, 1] == tokenizer.tokenizer.token_to_id("seven")
+
+
+def test_byte_tokenizer_lowercases_pads_and_truncates():
+    ids, mask = ByteTokenizer(max_length=4)(["Ab", "zwölf", ""])
+    assert ids.shape == mask.shape == (3, 4)
+    assert ids[0].tolist() == [ord("a") + 1, ord("b") + 1, 0, 0]
+    assert ids[1].tolist() == [b + 1 for b in "zwölf".encode()[:4]]  # bytes, not characters
+    assert mask.sum(1).tolist() == [2, 4, 0]
+    assert int(ids.max()) < ByteTokenizer.vocab_size
 
 
 def test_typos_and_case_noise_change_text_reproducibly():

@@ -67,12 +67,16 @@ def test_distillation_runs_with_two_workers(write_config, tmp_path):
 
     teacher = fit(*load(str(write_in(tmp_path, TINY_PLUGINS, name="teacher")), [])).run_dir
     student = {"spoken_digits": TINY_PLUGINS["spoken_digits"], "audio_encoder": {"channels": [4, 8], "dim": 16},
-               "fusion": {"dim": 16, "heads": 2, "ce_weight": 0.1}, "distill": {"teacher": str(teacher)}}
+               "fusion": {"dim": 16, "heads": 2, "ce_weight": 0.1},
+               # the projections (8 -> 16 channels, 16 -> 32) are trained by both workers, kept in step by DDP
+               "distill": {"teacher": str(teacher), "hidden": [{"student": "encoders.audio.cnn",
+                                                                 "teacher": "encoders.audio.cnn"}],
+                           "embedding": 0.5, "embedding_modality": "audio"}}
     path = write_config(student, name="kd-ddp", log_every=1)
     config, results = run_ray(path, ["scaling.num_workers=2"])
     assert results["world_size"] == 2 and results["steps"] == 3
     rows = [json.loads(line) for line in (Path(config.run.runs_dir) / "kd-ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["kd"] > 0 for r in rows if r["split"] == "train")
+    assert all(r["kd"] > 0 and r["hidden"] > 0 and r["embedding"] > 0 for r in rows if r["split"] == "train")
     assert (Path(config.run.runs_dir) / "kd-ddp" / "report.md").is_file()  # rank 0 wrote it
 
 
