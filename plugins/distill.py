@@ -202,7 +202,7 @@ class Distiller:
         self.student_states: dict[str, torch.Tensor] = {}
         self.teacher_states: dict[str, torch.Tensor] = {}
         self.cached: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        self.masks: list[tuple[nn.Module | None, nn.Module | None]] = []
+        self.mask_owners: list[nn.Module | None] = []  # per hidden pair: whose attention_mask marks real tokens
         projections = {}
         for i, pair in enumerate(options.hidden):
             where = f"hidden[{i}]"
@@ -211,7 +211,7 @@ class Distiller:
             self._capture(mine, self.student_states, f"hidden{i}")
             self._capture(theirs, self.teacher_states, f"hidden{i}")
             projections[f"hidden{i}"] = Projection(_width(mine, f"{where}.student"), _width(theirs, f"{where}.teacher"))
-            self.masks.append(self._token_masks(student, pair, where))
+            self.mask_owners.append(self._mask_owner(student, pair, where))
         if options.embedding:
             modality = options.embedding_modality
             encoders = getattr(student, "encoders", {})
@@ -239,22 +239,24 @@ class Distiller:
             store[key] = _first_tensor(output)
         module.register_forward_hook(hook)
 
-    def _token_masks(self, student: nn.Module, pair: HiddenPair, where: str):
-        """The modules whose ``attention_mask`` marks real tokens, after checking both sides tokenize alike."""
+    def _mask_owner(self, student: nn.Module, pair: HiddenPair, where: str) -> nn.Module | None:
+        """The student encoder whose ``attention_mask`` marks the real tokens of ``pair.student``'s
+        states, after checking that the teacher's side tokenizes alike; None for other states."""
         modality = _modality(pair.student)
-        mine = getattr(student, "encoders", {})[modality] if modality in getattr(student, "encoders", {}) else None
+        encoders = getattr(student, "encoders", {})
+        mine = encoders[modality] if modality in encoders else None
+        if mine is None or not hasattr(mine, "tokenizer") or pair.student == f"encoders.{modality}":
+            return None  # not inside a tokenizing encoder, or its pooled output
         theirs = (self.teacher if isinstance(self.teacher, TransformersTeacher)
                   else self.teacher.encoder(_modality(pair.teacher) or ""))
-        if mine is None or not hasattr(mine, "tokenizer"):
-            return None, None
         if theirs is None or not hasattr(theirs, "tokenizer"):
             raise ConfigError(f"plugins.distill.{where}: the student's '{pair.student}' holds token states, the "
                               f"teacher's '{pair.teacher}' does not")
-        ours, their = mine.tokenizer.vocabulary, theirs.tokenizer.vocabulary
+        ours, their = (getattr(t.tokenizer, "vocabulary", type(t.tokenizer).__name__) for t in (mine, theirs))
         if ours != their:
             raise ConfigError(f"plugins.distill.{where}: token states are matched position by position, so both "
                               f"must tokenize alike; the teacher's vocabulary is {their}, the student's {ours}")
-        return mine, theirs
+        return mine
 
     def _teacher_outputs(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(logits, rows they score (None: all), embedding) of the teacher, from the cache when it has them."""
@@ -306,7 +308,7 @@ class Distiller:
             if mine.shape != theirs.shape:
                 raise DataError(f"plugins.distill.hidden[{i}]: the student's '{pair.student}' gives {list(mine.shape)} "
                                 f"(projected), the teacher's '{pair.teacher}' {list(theirs.shape)}")
-            owner = self.masks[i][0]
+            owner = self.mask_owners[i]
             mask = owner.attention_mask if owner is not None and mine.dim() == 3 else None
             loss = pair.weight * hidden_loss(mine, theirs, mask)
             terms["hidden"] = terms["hidden"] + loss if "hidden" in terms else loss
