@@ -1,11 +1,15 @@
-"""Distillation on spoken_digits: the default model teaches a student a quarter its size.
+"""Distillation on spoken_digits: the default model teaches a student a tenth its size.
 
-    .venv/bin/python benchmarks/distill.py [--seeds 0 1 2] [--epochs 8]
+    .venv/bin/python benchmarks/distill.py [--seeds 0 1 2] [--epochs 8] [--runs-dir DIR]
 
 For each seed, in this process (Ray Train's local mode, one worker): the teacher (plugins.yaml's
-model), the student distilled from it (T = 4, alpha = 0.9, fusion.ce_weight = 0.1) and the same
-student trained the same number of steps without distillation. Accuracies are fused test
-accuracy; each figure is the mean over seeds, and `*_spread` the max - min over seeds.
+model), the student distilled from it and the same student trained the same number of steps
+without distillation. The student: a 1-layer, 32-wide text encoder on bytes (a 257-entry
+vocabulary instead of MiniLM's 30,522 pieces), image channels [16, 32, 64, 96], a 3-block audio
+CNN with 64-wide output. Distillation: soft targets (T = 4, alpha = 0.9, fusion.ce_weight = 0.1)
+and the cosine between the student's and the teacher's audio and image embeddings (through learned
+projections 64 -> 128 and 96 -> 256). Accuracies are fused test accuracy; each figure is the mean
+over seeds, and `*_spread` the max - min over seeds.
 
 Last line: JSON {"teacher_params", "student_params", "teacher_acc", "student_acc",
 "student_nokd_acc", "student_acc_spread", "student_nokd_acc_spread", "seeds"}.
@@ -24,12 +28,12 @@ from plait.launch import ray_runner
 from plait.launch.cli import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDENT = {  # about a quarter of the default model: narrower encoders, a 32-wide text vocabulary
-    "text_encoder": {"hidden": 32, "layers": 1, "heads": 2},
+STUDENT = {  # about a tenth of the default model
+    "text_encoder": {"tokenizer": "bytes", "hidden": 32, "layers": 1, "heads": 2},
     "image_encoder": {"timm_kwargs": {"channels": [16, 32, 64, 96]}},
-    "audio_encoder": {"channels": [16, 32], "dim": 64},
+    "audio_encoder": {"channels": [16, 32, 64], "dim": 64},
 }
-KD = {"temperature": 4.0, "alpha": 0.9}
+KD = {"temperature": 4.0, "alpha": 0.9, "embedding": 1.0, "embedding_modalities": ["audio", "image"]}
 
 
 def run(raw: dict, name: str, seed: int, epochs: int, runs_dir: str) -> dict:
@@ -64,10 +68,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--runs-dir", help="keep the run folders here (default: a temporary folder); a run "
+                        "whose folder is complete is continued, i.e. only evaluated again")
     args = parser.parse_args()
     base = load_config(ROOT / "plugins.yaml")
     results: dict[str, list[float]] = {"teacher": [], "student": [], "nokd": []}
-    with tempfile.TemporaryDirectory() as runs_dir:
+    with tempfile.TemporaryDirectory() as tmp:
+        runs_dir = args.runs_dir or tmp
         for seed in args.seeds:
             teacher = run(base, f"teacher-{seed}", seed, args.epochs, runs_dir)
             results["teacher"].append(teacher["test"]["fused"]["accuracy"])

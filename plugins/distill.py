@@ -11,7 +11,7 @@ Three losses, each its own logged term:
 - ``hidden``, TinyBERT-style: the mean squared error between a student module's output and a
   teacher module's (given by module path), through a learned projection when the widths differ,
   over real tokens only for token states (both sides must tokenize alike).
-- ``embedding``: ``1 - cosine`` between the student's encoder output for one modality and the
+- ``embedding``: ``1 - cosine`` between the student's encoder output for a modality and the
   teacher's (a bare encoder's mean-pooled states), through a learned projection: for teachers
   without a classification head.
 
@@ -64,8 +64,8 @@ class DistillOptions(Options):
                          "to 1 - alpha; 0 for a teacher without logits")
     hidden: list[HiddenPair] = Field([], description="module outputs the student learns to match")
     embedding: float = Field(0.0, ge=0, description="weight of the cosine loss between the student's and "
-                             "the teacher's embedding of embedding_modality")
-    embedding_modality: str = "text"
+                             "the teacher's embedding of each of embedding_modalities")
+    embedding_modalities: list[str] = Field(["text"], min_length=1)
     max_length: int = Field(32, ge=4, description="a transformers teacher's token limit; match the student's")
     cache: bool = Field(False, description="keep the teacher's logits and embeddings per sample id (only for "
                         "training inputs that do not change between epochs)")
@@ -132,17 +132,23 @@ class TransformersTeacher(nn.Module):
         self.embedding: torch.Tensor | None = None
 
     def forward(self, batch: dict) -> dict:
+        if "text" not in batch["present"]:
+            raise DataError("plugins.distill.teacher: a transformers teacher reads text, and this data has none")
         rows = batch["present"]["text"].nonzero().squeeze(1)
         texts = [batch["inputs"]["text"]["text"][i] for i in rows.tolist()]
-        device = next(self.model.parameters()).device
-        ids, mask = (t.to(device) for t in self.tokenizer(texts or [""]))
-        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        self.attention_mask = mask
-        weights = mask.unsqueeze(-1).to(out.hidden_states[-1].dtype)
-        self.embedding = (out.hidden_states[-1] * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        if self.classes is None:
-            return {}
-        return {"logits": out.logits[: rows.numel()], "rows": rows}
+        # every row gets logits (a row without text: uniform ones, for evaluation); ``rows`` says which are real
+        logits = torch.zeros(batch["label"].shape[0], len(self.classes or ()), device=rows.device)
+        self.embedding = None
+        if texts:
+            device = next(self.model.parameters()).device
+            ids, mask = (t.to(device) for t in self.tokenizer(texts))
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            self.attention_mask = mask
+            weights = mask.unsqueeze(-1).to(out.hidden_states[-1].dtype)
+            self.embedding = (out.hidden_states[-1] * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            if self.classes is not None:
+                logits = logits.to(out.logits.dtype).index_copy(0, rows, out.logits)
+        return {} if self.classes is None else {"logits": logits, "rows": rows}
 
     def encoder(self, modality: str) -> nn.Module | None:
         return self if modality == "text" else None
@@ -201,7 +207,7 @@ class Distiller:
         self.options, self.teacher = options, teacher
         self.student_states: dict[str, torch.Tensor] = {}
         self.teacher_states: dict[str, torch.Tensor] = {}
-        self.cached: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self.cached: dict[str, tuple[torch.Tensor | None, dict[str, torch.Tensor]]] = {}
         self.mask_owners: list[nn.Module | None] = []  # per hidden pair: whose attention_mask marks real tokens
         projections = {}
         for i, pair in enumerate(options.hidden):
@@ -212,17 +218,17 @@ class Distiller:
             self._capture(theirs, self.teacher_states, f"hidden{i}")
             projections[f"hidden{i}"] = Projection(_width(mine, f"{where}.student"), _width(theirs, f"{where}.teacher"))
             self.mask_owners.append(self._mask_owner(student, pair, where))
-        if options.embedding:
-            modality = options.embedding_modality
+        for modality in options.embedding_modalities if options.embedding else ():
             encoders = getattr(student, "encoders", {})
             theirs = teacher.encoder(modality)
             if modality not in encoders or theirs is None:
-                raise ConfigError(f"plugins.distill.embedding_modality: '{modality}' must be encoded by both the "
+                raise ConfigError(f"plugins.distill.embedding_modalities: '{modality}' must be encoded by both the "
                                   f"student ({sorted(encoders)}) and the teacher")
-            self._capture(encoders[modality], self.student_states, "embedding")
+            key = f"embedding_{modality}"
+            self._capture(encoders[modality], self.student_states, key)
             if not isinstance(teacher, TransformersTeacher):
-                self._capture(theirs, self.teacher_states, "embedding")
-            projections["embedding"] = Projection(int(encoders[modality].out_dim), int(theirs.out_dim))
+                self._capture(theirs, self.teacher_states, key)
+            projections[key] = Projection(int(encoders[modality].out_dim), int(theirs.out_dim))
         if options.alpha and getattr(teacher, "classes", None) is None:
             raise ConfigError(f"plugins.distill.alpha: the teacher {options.teacher} has no classification head, "
                               "so no soft targets; set alpha: 0 and distil hidden states or the embedding")
@@ -258,46 +264,50 @@ class Distiller:
                               f"must tokenize alike; the teacher's vocabulary is {their}, the student's {ours}")
         return mine
 
-    def _teacher_outputs(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """(logits, rows they score (None: all), embedding) of the teacher, from the cache when it has them."""
+    def _teacher_outputs(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+        """(logits, the rows they score (None: all), {modality: embedding of the rows that have it}) of
+        the teacher, from the cache when it has them."""
         ids = batch.get("ids")
+        modalities = self.options.embedding_modalities if self.options.embedding else []
+        device = batch["label"].device
         if self.options.cache and ids and all(i in self.cached for i in ids):
             logits, embeddings = zip(*(self.cached[i] for i in ids))
-            device = batch["label"].device
             logits = torch.stack(logits).to(device) if logits[0] is not None else None
-            kept = [e for e in embeddings if e is not None]
-            return logits, None, torch.stack(kept).to(device) if kept else None
+            stacked = {m: torch.stack([e[m] for e in embeddings if m in e]).to(device) for m in modalities
+                       if any(m in e for e in embeddings)}
+            return logits, None, stacked
         self.teacher.eval()  # whatever a caller did to it
         self.teacher_states.clear()
         out = self.teacher(batch)
         logits, rows = out.get("logits"), out.get("rows")
-        embedding = (self.teacher.embedding if isinstance(self.teacher, TransformersTeacher)
-                     else self.teacher_states.get("embedding"))
+        embeddings = {m: self.teacher.embedding if isinstance(self.teacher, TransformersTeacher)
+                      else self.teacher_states.get(f"embedding_{m}") for m in modalities}
+        embeddings = {m: e for m, e in embeddings.items() if e is not None}
         if self.options.cache:
             if not ids or len(set(ids)) != len(ids) or rows is not None:
                 raise DataError("plugins.distill.cache: every sample needs its own id, and the teacher must score "
                                 "every row, to cache the teacher's outputs")
-            present = self._embedding_rows(batch)
+            row_of = {m: batch["present"][m].long().cumsum(0) - 1 for m in embeddings}  # batch row -> encoder row
             for position, sample in enumerate(ids):
-                kept = None
-                if embedding is not None and present is not None and bool(present[position]):
-                    kept = embedding[int(present[: position].sum())].cpu()
+                kept = {m: e[row_of[m][position]].cpu() for m, e in embeddings.items()
+                        if bool(batch["present"][m][position])}
                 self.cached[sample] = (logits[position].cpu() if logits is not None else None, kept)
-        return logits, rows, embedding
-
-    def _embedding_rows(self, batch: dict) -> torch.Tensor | None:
-        return batch["present"].get(self.options.embedding_modality) if self.options.embedding else None
+        return logits, rows, embeddings
 
     def _after_forward(self, student: nn.Module, args: tuple, outputs: dict) -> dict | None:
         if not student.training or not isinstance(outputs, dict):
             return None
         batch, options = args[0], self.options
         with torch.no_grad():
-            logits, rows, embedding = self._teacher_outputs(batch)
+            logits, rows, embeddings = self._teacher_outputs(batch)
         terms: dict[str, torch.Tensor] = {}
         if options.alpha and logits is not None:
-            mine = outputs["logits"] if rows is None else outputs["logits"][rows]
-            terms["kd"] = kd_loss(mine, logits, options.temperature, options.alpha)
+            if rows is not None:
+                logits, mine = logits[rows], outputs["logits"][rows]
+            else:
+                mine = outputs["logits"]
+            if mine.shape[0]:
+                terms["kd"] = kd_loss(mine, logits, options.temperature, options.alpha)
         projections = student.distill
         for i, pair in enumerate(options.hidden):
             key = f"hidden{i}"
@@ -312,9 +322,11 @@ class Distiller:
             mask = owner.attention_mask if owner is not None and mine.dim() == 3 else None
             loss = pair.weight * hidden_loss(mine, theirs, mask)
             terms["hidden"] = terms["hidden"] + loss if "hidden" in terms else loss
-        mine = self.student_states.get("embedding")
-        if options.embedding and mine is not None and embedding is not None:
-            terms["embedding"] = options.embedding * embedding_loss(projections["embedding"](mine), embedding)
+        for modality, theirs in embeddings.items():
+            mine = self.student_states.get(f"embedding_{modality}")
+            if mine is not None:
+                loss = options.embedding * embedding_loss(projections[f"embedding_{modality}"](mine), theirs)
+                terms["embedding"] = terms["embedding"] + loss if "embedding" in terms else loss
         outputs["distill"] = terms
         return outputs
 

@@ -128,7 +128,7 @@ LAYER = "encoders.text.model.encoder.layer.0"
 @pytest.mark.slow
 def test_hidden_states_and_embeddings_are_learned_through_projections(write_config, teacher_dir):
     distill = {"teacher": str(teacher_dir), "alpha": 0.5, "hidden": [{"student": LAYER, "teacher": LAYER}],
-               "embedding": 1.0, "embedding_modality": "text"}
+               "embedding": 1.0, "embedding_modalities": ["text"]}
     path = write_config({**TEXT_STUDENT, "distill": distill}, name="tinybert", epochs=2)
     config, plugins = load(str(path), [])
     state = fit(config, plugins)
@@ -137,7 +137,7 @@ def test_hidden_states_and_embeddings_are_learned_through_projections(write_conf
     assert rows[-1]["hidden"] < rows[0]["hidden"] and rows[-1]["embedding"] < rows[0]["embedding"]
     weights = load_file(str(checkpoint.latest(state.run_dir / "checkpoints") / "model.safetensors"))
     assert weights["distill.hidden0.linear.weight"].shape == (32, 16)  # student width -> teacher width
-    assert weights["distill.embedding.linear.weight"].shape == (32, 16)
+    assert weights["distill.embedding_text.linear.weight"].shape == (32, 16)
     student = sum(v.numel() for k, v in weights.items() if not k.startswith("distill.")
                   and not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert f"| student (distilled) | {student:,} |" in (state.run_dir / "report.md").read_text()
@@ -181,7 +181,8 @@ def test_cached_teacher_outputs_run_the_teacher_in_the_first_epoch_only(write_co
     calls = []
     forward = RunTeacher.forward
     monkeypatch.setattr(RunTeacher, "forward", lambda self, batch: calls.append(1) or forward(self, batch))
-    plugins = {**TEXT_STUDENT, "distill": {"teacher": str(teacher_dir), "embedding": 1.0}}
+    plugins = {**TEXT_STUDENT, "audio_encoder": STUDENT["audio_encoder"],
+               "distill": {"teacher": str(teacher_dir), "embedding": 1.0, "embedding_modalities": ["text", "audio"]}}
     fresh = fit(*load(str(write_config(plugins, name="uncached", epochs=3)), []))
     uncached_calls, calls[:] = len(calls), []
     plugins["distill"] = {**plugins["distill"], "cache": True}
@@ -191,3 +192,29 @@ def test_cached_teacher_outputs_run_the_teacher_in_the_first_epoch_only(write_co
     # features depend on a batch's padding (a few 1e-3; targets of other samples would be far off).
     for term in ("kd", "embedding", "loss"):
         assert cached.metrics["train"][term] == pytest.approx(fresh.metrics["train"][term], rel=2e-2)
+
+
+def classifier_folder(folder, labels: list[str]):
+    """A small transformers sequence classifier (random weights) on MiniLM's vocabulary."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                        label2id={label: i for i, label in enumerate(labels)})
+    BertForSequenceClassification(config).save_pretrained(folder)
+    shutil.copy(minilm_folder() / "tokenizer.json", folder)
+    return folder
+
+
+def test_a_transformers_classifier_gives_soft_targets_and_must_share_the_classes(write_config, tmp_path):
+    teacher = classifier_folder(tmp_path / "classifier", [str(d) for d in range(10)])
+    state = fit(*load(str(write_config({**TEXT_STUDENT, "distill": {"teacher": str(teacher), "alpha": 0.5}},
+                                       name="hf-kd")), []))
+    assert state.metrics["train"]["kd"] > 0
+    row = next(line for line in (state.run_dir / "report.md").read_text().splitlines() if line.startswith("| teacher"))
+    assert row.split("|")[-2].strip().startswith("0.")  # the classifier's own test accuracy
+    other = classifier_folder(tmp_path / "abc", ["a", "b", "c"])
+    with pytest.raises(ConfigError, match=r"the teacher's classes \['a', 'b', 'c'\] are not the student's \['0'"):
+        fit(*load(str(write_config({**TEXT_STUDENT, "distill": {"teacher": str(other)}})), []))

@@ -71,7 +71,7 @@ def test_distillation_runs_with_two_workers(write_config, tmp_path):
                # the projections (8 -> 16 channels, 16 -> 32) are trained by both workers, kept in step by DDP
                "distill": {"teacher": str(teacher), "hidden": [{"student": "encoders.audio.cnn",
                                                                  "teacher": "encoders.audio.cnn"}],
-                           "embedding": 0.5, "embedding_modality": "audio"}}
+                           "embedding": 0.5, "embedding_modalities": ["audio"]}}
     path = write_config(student, name="kd-ddp", log_every=1)
     config, results = run_ray(path, ["scaling.num_workers=2"])
     assert results["world_size"] == 2 and results["steps"] == 3
