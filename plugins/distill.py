@@ -398,6 +398,8 @@ def plait_configure_model(model, config, plugins):
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
+    if teacher is None:
+        raise ConfigError("plugins.distill: no plugin answered plait_teacher; give plugins.distill.teacher")
     Distiller(config.options(DistillOptions), teacher, model)
     _Teacher.model = teacher
     return None
@@ -411,6 +413,13 @@ def plait_fit_start(state):
     if options.alpha and list(classes) != list(state.classes):
         raise ConfigError(f"plugins.distill.teacher: the teacher's classes {list(classes)[:12]} are not the "
                           f"student's {list(state.classes)[:12]} (same names, same order)")
+    if options.cache:
+        transforms = state.plugins.call_each("plait_sample_transforms", config=state.config, split="train")
+        changing = sorted(name for name, found in transforms.items() if found)
+        if changing:
+            raise ConfigError(f"plugins.distill.cache: the training inputs change every epoch (sample transforms of "
+                              f"{', '.join(changing)}), so the teacher's outputs of one epoch do not hold for the "
+                              "next; turn cache off")
     identity = _identity(Path(options.teacher))
     resumed, _Teacher.resumed = _Teacher.resumed, None
     if resumed not in (None, identity):

@@ -222,3 +222,9 @@ def test_a_transformers_classifier_gives_soft_targets_and_must_share_the_classes
     other = classifier_folder(tmp_path / "abc", ["a", "b", "c"])
     with pytest.raises(ConfigError, match=r"the teacher's classes \['a', 'b', 'c'\] are not the student's \['0'"):
         fit(*load(str(write_config({**TEXT_STUDENT, "distill": {"teacher": str(other)}})), []))
+
+
+def test_caching_the_teacher_is_refused_when_augmentation_changes_the_inputs(write_config, teacher_dir):
+    plugins = {**STUDENT, "augment": {}, "distill": {"teacher": str(teacher_dir), "cache": True}}
+    with pytest.raises(ConfigError, match=r"cache: the training inputs change every epoch \(sample transforms of augment\)"):
+        fit(*load(str(write_config(plugins)), []))
