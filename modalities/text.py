@@ -51,6 +51,12 @@ class WordPieceTokenizer:
         return ids, mask
 
 
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token states [N, T, D] over the real tokens of ``mask`` [N, T]: a sentence embedding."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
 class ByteTokenizer:
     """Lower-cased UTF-8 bytes: a 257-entry vocabulary (0 is padding), for models too small to spend
     most of their parameters on a 30,522-piece embedding table, and robust to typos."""

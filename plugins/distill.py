@@ -47,7 +47,7 @@ from plait.core import checkpoint
 from plait.core.config import Options
 from plait.core.errors import ConfigError, DataError, nearest
 from plait.core.hookspecs import hookimpl
-from plait.modalities.text import WordPieceTokenizer
+from plait.modalities.text import WordPieceTokenizer, masked_mean
 
 
 class HiddenPair(BaseModel):
@@ -144,8 +144,7 @@ class TransformersTeacher(nn.Module):
             ids, mask = (t.to(device) for t in self.tokenizer(texts))
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
             self.attention_mask = mask
-            weights = mask.unsqueeze(-1).to(out.hidden_states[-1].dtype)
-            self.embedding = (out.hidden_states[-1] * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            self.embedding = masked_mean(out.hidden_states[-1], mask)
             if self.classes is not None:
                 logits = logits.to(out.logits.dtype).index_copy(0, rows, out.logits)
         return {} if self.classes is None else {"logits": logits, "rows": rows}
@@ -218,8 +217,8 @@ class Distiller:
             self._capture(theirs, self.teacher_states, f"hidden{i}")
             projections[f"hidden{i}"] = Projection(_width(mine, f"{where}.student"), _width(theirs, f"{where}.teacher"))
             self.mask_owners.append(self._mask_owner(student, pair, where))
+        encoders = getattr(student, "encoders", {})
         for modality in options.embedding_modalities if options.embedding else ():
-            encoders = getattr(student, "encoders", {})
             theirs = teacher.encoder(modality)
             if modality not in encoders or theirs is None:
                 raise ConfigError(f"plugins.distill.embedding_modalities: '{modality}' must be encoded by both the "
@@ -269,8 +268,8 @@ class Distiller:
         the teacher, from the cache when it has them."""
         ids = batch.get("ids")
         modalities = self.options.embedding_modalities if self.options.embedding else []
-        device = batch["label"].device
         if self.options.cache and ids and all(i in self.cached for i in ids):
+            device = batch["label"].device
             logits, embeddings = zip(*(self.cached[i] for i in ids))
             logits = torch.stack(logits).to(device) if logits[0] is not None else None
             stacked = {m: torch.stack([e[m] for e in embeddings if m in e]).to(device) for m in modalities
@@ -309,6 +308,7 @@ class Distiller:
             if mine.shape[0]:
                 terms["kd"] = kd_loss(mine, logits, options.temperature, options.alpha)
         projections = student.distill
+        hidden, embedding = [], []
         for i, pair in enumerate(options.hidden):
             key = f"hidden{i}"
             mine, theirs = self.student_states.get(key), self.teacher_states.get(key)
@@ -320,13 +320,12 @@ class Distiller:
                                 f"(projected), the teacher's '{pair.teacher}' {list(theirs.shape)}")
             owner = self.mask_owners[i]
             mask = owner.attention_mask if owner is not None and mine.dim() == 3 else None
-            loss = pair.weight * hidden_loss(mine, theirs, mask)
-            terms["hidden"] = terms["hidden"] + loss if "hidden" in terms else loss
+            hidden.append(pair.weight * hidden_loss(mine, theirs, mask))
         for modality, theirs in embeddings.items():
             mine = self.student_states.get(f"embedding_{modality}")
             if mine is not None:
-                loss = options.embedding * embedding_loss(projections[f"embedding_{modality}"](mine), theirs)
-                terms["embedding"] = terms["embedding"] + loss if "embedding" in terms else loss
+                embedding.append(options.embedding * embedding_loss(projections[f"embedding_{modality}"](mine), theirs))
+        terms.update({name: sum(losses) for name, losses in (("hidden", hidden), ("embedding", embedding)) if losses})
         outputs["distill"] = terms
         return outputs
 

@@ -13,7 +13,7 @@ from transformers import AutoModel, BertConfig, BertModel
 from plait.core.config import Options
 from plait.core.errors import ConfigError
 from plait.core.hookspecs import hookimpl
-from plait.modalities.text import ByteTokenizer, WordPieceTokenizer, minilm_folder
+from plait.modalities.text import ByteTokenizer, WordPieceTokenizer, masked_mean, minilm_folder
 
 
 class TextEncoderOptions(Options):
@@ -62,9 +62,7 @@ class TextEncoder(nn.Module):
         ids, mask = self.tokenizer(inputs["text"])
         ids, mask = ids.to(device), mask.to(device)
         self.attention_mask = mask  # the last forward's; token-level distillation reads it
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return masked_mean(self.model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
 
 
 @hookimpl
