@@ -46,6 +46,8 @@ class RunSettings(Options):
                                          "(besides every epoch's end)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accumulation: int = Field(1, ge=1, description="batches per optimizer step")
+    init_from: str | None = Field(None, description="a run folder whose newest weights start this run "
+                                  "(fine-tuning); a run resuming from its own checkpoint ignores it")
 
 
 class ScalingSettings(Options):
@@ -118,12 +120,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _merge(base: dict, top: dict) -> dict:
+def merge(base: dict, top: dict) -> dict:
     """Deep merge: mappings merge key by key, anything else in ``top`` replaces."""
     out = copy.deepcopy(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -143,8 +145,8 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: include: expected a file name or a list of file names")
     merged: dict[str, Any] = {}
     for include in includes:
-        merged = _merge(merged, load_raw(path.parent / include, (*_seen, path)))
-    return _merge(merged, data)
+        merged = merge(merged, load_raw(path.parent / include, (*_seen, path)))
+    return merge(merged, data)
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:

@@ -9,7 +9,7 @@ Arguments are passed by name; an implementation may accept any subset of them.
 
 API history: 1.0 the first contract; 1.1 added ``plait_build_model``, ``plait_train_metrics``,
 ``plait_checkpoint_saved``, ``plait_teacher`` and the ``metrics`` argument of ``plait_eval_metrics``;
-1.2 the ``plugins`` argument of ``plait_configure_model``.
+1.2 the ``plugins`` argument of ``plait_configure_model``; 1.3 ``plait_compress``.
 """
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ if TYPE_CHECKING:
 
     from .config import PlaitConfig
     from .manager import Plugins
-    from .state import RunState
+    from .state import CompressJob, RunState
 
 PROJECT = "plait"
 #: The version of this hook contract. A plugin may declare the range it supports as a module
 #: attribute, ``PLAIT_API = ">=1.1,<2"``; a plait outside that range refuses it by name.
 #: Minor: hooks or arguments added; major: a hook removed or its meaning changed.
-API_VERSION = "1.2"
+API_VERSION = "1.3"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
@@ -214,6 +214,21 @@ def plait_log_metrics(metrics: dict[str, Any], step: int, state: RunState) -> No
 
 
 # ---------------------------------------------------------------- compression
+@hookspec
+def plait_compress(model: torch.nn.Module, job: CompressJob) -> torch.nn.Module | None:
+    """Return ``model`` compressed (quantized, pruned, distilled into a student...), or None to
+    leave it as it is. ``plait compress RUN_DIR [compress.yaml]`` chains the plugins in order:
+    each gets what the one before returned.
+
+    ``job.config`` holds the plugins' options (compress.yaml's blocks over the run's config);
+    ``job.calibration_batches(n)`` gives validation batches; ``job.source`` is the trained run
+    (a teacher). A plugin whose change must be redone when the model is rebuilt (quantized layers
+    are made before the stored int8 weights load) records it in the new folder's config with
+    ``job.set_plugin_options`` and redoes it in ``plait_configure_model``; ``job.notes`` lines go
+    into report.md.
+    """
+
+
 @hookspec(firstresult=True)
 def plait_teacher(config: PlaitConfig) -> torch.nn.Module | None:
     """Return a frozen teacher for distillation (``eval()``, no gradients), or None.

@@ -341,6 +341,14 @@ def _set_rng_state(saved: dict[str, Any]) -> None:
                          np_state["has_gauss"], np_state["cached"]))
 
 
+def _init_from(folder: Path, model: torch.nn.Module, device: torch.device) -> None:
+    """Start from another run's newest weights (the optimizer starts fresh)."""
+    newest = checkpoint.latest(folder / "checkpoints")
+    if newest is None:
+        raise ConfigError(f"run.init_from: {folder} is not a run folder with a checkpoint")
+    checkpoint.load(newest, model, device)
+
+
 def run_dir_for(config: PlaitConfig) -> Path:
     return Path(config.run.runs_dir) / config.run.name
 
@@ -386,6 +394,9 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
     modalities = tuple(train_set.modalities)
     seed_everything(run.seed)  # the same initial weights on every worker
     model = build_model(plugins, config, modalities, len(train_set.classes)).to(device)
+    newest = checkpoint.latest(run_dir / "checkpoints")
+    if run.init_from and newest is None:
+        _init_from(Path(run.init_from), model, device)
     model = dist.prepare_model(model)
     seed_everything(run.seed + dist.rank)
 
@@ -416,7 +427,6 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
         scaler=torch.amp.GradScaler("cuda") if run.precision == "fp16" else None,
     )
     skip = 0
-    newest = checkpoint.latest(run_dir / "checkpoints")
     if newest is not None:
         skip = _restore(state, checkpoint.load(newest, model, device))
     if state.is_main:

@@ -6,6 +6,7 @@ modality never runs through that modality's encoder.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -106,3 +107,24 @@ def build_model(plugins: Plugins, config: PlaitConfig, modalities: tuple[str, ..
         raise PluginError("no plugin builds a classification head; add 'fusion' to plugins:")
     model = MultimodalModel(encoders, fusion, head)
     return plugins.chain("plait_configure_model", "model", model=model, config=config, plugins=plugins)
+
+
+def cpu_latency_ms(model: torch.nn.Module, batch: dict, size: int) -> float:
+    """Median forward time (ms) of ``size`` samples of ``batch`` (rows repeated as needed), one thread,
+    on the model's device as it is: how report.md files compare models."""
+    rows = torch.arange(size) % batch["label"].shape[0]
+    small = {"label": batch["label"][rows], "present": {m: v[rows] for m, v in batch["present"].items()},
+             "inputs": {m: select_rows(v, rows) for m, v in batch["inputs"].items()}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            model(small)
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                model(small)
+                times.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
+    return 1e3 * sorted(times)[len(times) // 2]

@@ -39,3 +39,34 @@ class RunState:
     def is_main(self) -> bool:
         """Only the main process writes files and prints."""
         return self.rank == 0
+
+
+@dataclass
+class CompressJob:
+    """What ``plait_compress`` hooks share while ``plait compress`` turns one run into a smaller one.
+
+    ``config``/``raw`` describe the model being compressed: what rebuilds it from the new run folder.
+    A step that changes how it is built (quantized layers, a distilled student) records that with
+    ``set_plugin_options`` or ``replace_config``, so the folder it writes loads back as it is.
+    """
+
+    config: PlaitConfig
+    raw: dict[str, Any]
+    source: RunState  # the run being compressed, its model as trained
+    source_dir: Path
+    out_dir: Path
+    #: ``calibration_batches(n)``: up to ``n`` validation batches of 32, on the model's device.
+    calibration_batches: Any = None
+    #: Lines for report.md: what each step did.
+    notes: list[str] = field(default_factory=list)
+    #: ``resolve(raw)`` -> (config, plugins): validates a changed raw config (set by plait compress).
+    resolve: Any = None
+
+    def set_plugin_options(self, plugin: str, options: dict[str, Any]) -> None:
+        """Write ``plugin``'s block of the new run folder's config (and re-validate it)."""
+        self.replace_config({**self.raw, "plugins": {**self.raw["plugins"], plugin: options}})
+
+    def replace_config(self, raw: dict[str, Any]) -> None:
+        """The model is now built by ``raw`` (a distilled student's config, say)."""
+        self.config, _ = self.resolve(raw)
+        self.raw = raw

@@ -74,6 +74,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from plait.launch.compress import compress_run
+
+    result = compress_run(Path(args.run_dir), args.spec, args.overrides)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    before, after = result["before"]["accuracy"], result["after"]["accuracy"]
+    print_results("test accuracy before", before)
+    print_results("test accuracy after", after)
+    print(f"compressed run: {result['run_dir']}  (size {result['before']['size_mib']:.2f} -> "
+          f"{result['after']['size_mib']:.2f} MiB; batch-32 CPU latency {result['before']['latency_bs32_ms']:.1f} -> "
+          f"{result['after']['latency_bs32_ms']:.1f} ms; report.md there)")
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     if args.order:
         return _print_order(args)
@@ -182,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--modalities", help="comma list: use only these modalities (e.g. audio,image)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(func=cmd_eval)
+
+    compress = sub.add_parser("compress", help="compress a run folder (quantize, distill...) into a new one")
+    compress.add_argument("run_dir")
+    compress.add_argument("spec", nargs="?", metavar="compress.yaml",
+                          help="plugins: blocks of the compressing plugins (default: quantize with its defaults)")
+    compress.add_argument("overrides", nargs="*", metavar="key.path=value")
+    compress.add_argument("--json", action="store_true", help="print the figures as JSON")
+    compress.set_defaults(func=cmd_compress)
 
     launch = sub.add_parser("launch", help="run a config as a Ray job on a cluster")
     launch.add_argument("config", nargs="?")

@@ -37,6 +37,7 @@ def load_run(run_dir: Path, data: str | None = None):
     device = pick_device(config.run.device)
     model = build_model(plugins, config, tuple(info["modalities"]), len(info["classes"])).to(device)
     checkpoint.load(newest, model, device)
+    model.eval()
     state = RunState(config=config, plugins=plugins, run_dir=run_dir, device=device, classes=info["classes"],
                      modalities=tuple(info["modalities"]), model=model)
     return config, plugins, state

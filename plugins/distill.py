@@ -34,8 +34,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +58,8 @@ class HiddenPair(BaseModel):
 
 
 class DistillOptions(Options):
-    teacher: str = Field(..., description="a plait run folder, or a local transformers model folder (text)")
+    teacher: str | None = Field(None, description="a plait run folder, or a local transformers model folder (text); "
+                                "under plait compress: the run being compressed")
     temperature: float = Field(4.0, gt=0, description="softens both distributions (T)")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target loss; set fusion.ce_weight "
                          "to 1 - alpha; 0 for a teacher without logits")
@@ -71,6 +72,11 @@ class DistillOptions(Options):
                         "training inputs that do not change between epochs)")
     baseline: str | None = Field(None, description="a run folder of the same student trained without "
                                  "distillation, for report.md")
+    student: dict[str, dict[str, Any]] | None = Field(None, description="plait compress: plugin blocks merged "
+                                                      "over the run's config to make the student, e.g. "
+                                                      "{text_encoder: {hidden: 32}}")
+    student_run: dict[str, Any] = Field({}, description="plait compress: run settings of the student's "
+                                        "training (epochs, lr, max_steps...)")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
@@ -372,6 +378,9 @@ def plait_config_schema():
 @hookimpl
 def plait_teacher(config):
     options = config.options(DistillOptions)
+    if options.teacher is None:
+        raise ConfigError("plugins.distill.teacher: give the teacher (a plait run folder or a transformers "
+                          "model folder)")
     folder = Path(options.teacher)
     if folder.is_dir() and _is_transformers_folder(folder):
         return TransformersTeacher(folder, options.max_length).eval().requires_grad_(False)
@@ -442,34 +451,13 @@ def plait_load_state_dict(state, data):
     _Teacher.resumed = data["teacher"]
 
 
-def _latency_ms(model: torch.nn.Module, batch: dict, size: int) -> float:
-    """Median CPU forward time of ``size`` samples of ``batch``, one thread."""
-    from plait.core.model import select_rows
-
-    rows = torch.arange(size) % batch["label"].shape[0]
-    small = {"label": batch["label"][rows], "present": {m: v[rows] for m, v in batch["present"].items()},
-             "inputs": {m: select_rows(v, rows) for m, v in batch["inputs"].items()}}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            model(small)
-            times = []
-            for _ in range(5):
-                started = time.perf_counter()
-                model(small)
-                times.append(time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(threads)
-    return 1e3 * sorted(times)[len(times) // 2]
-
-
 @hookimpl
 def plait_fit_end(state):
     """report.md in the student's run folder."""
     if "test" not in state.metrics:
         return
     from plait.core.loop import ShardSampler, build_dataset, evaluate, make_loader, move
+    from plait.core.model import cpu_latency_ms
 
     options = state.config.options(DistillOptions)
     teacher, student = _Teacher.model, getattr(state.model, "module", state.model)
@@ -493,8 +481,8 @@ def plait_fit_end(state):
         files = [newest / "model.safetensors"] if newest else sorted(folder.glob("*.safetensors"))
         size = sum(f.stat().st_size for f in files) / 2**20 if files else float("nan")
         cpu = model.to("cpu").eval()
-        rows.append((name, sum(p.numel() for p in cpu.parameters()) - extra, size, _latency_ms(cpu, batch, 1),
-                     _latency_ms(cpu, batch, 32), accuracy))
+        rows.append((name, sum(p.numel() for p in cpu.parameters()) - extra, size, cpu_latency_ms(cpu, batch, 1),
+                     cpu_latency_ms(cpu, batch, 32), accuracy))
     teacher.to(state.device)
     student.to(state.device)
     if options.baseline:
@@ -511,3 +499,33 @@ def plait_fit_end(state):
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {n} | {p:,} | {s:.2f} | {l1:.2f} | {l32:.2f} | {a:.4f} |" for n, p, s, l1, l32, a in rows]
     (state.run_dir / "report.md").write_text("\n".join(lines).replace("nan", "-") + "\n")
+
+
+@hookimpl
+def plait_compress(model, job):
+    """With ``student:``, train that student from the run being compressed (its teacher) and hand it on."""
+    from plait.core.config import merge
+    from plait.core.loop import fit
+    from plait.core.model import build_model
+
+    options = job.config.options(DistillOptions)
+    if options.student is None:
+        return None  # a distilled run's own block: it was distilled already
+    kd = options.model_dump(exclude={"student", "student_run", "baseline"})
+    student_raw = merge(job.raw, {"plugins": options.student})
+    student_raw["plugins"]["distill"] = {**kd, "teacher": str(job.source_dir)}
+    student_raw["run"] = {**job.raw["run"], **options.student_run, "name": f"{job.out_dir.name}-student"}
+    config, plugins = job.resolve(student_raw)
+    trained = fit(config, plugins)
+    deployed_raw = {**student_raw, "run": job.raw["run"],
+                    "plugins": {k: v for k, v in student_raw["plugins"].items() if k != "distill"}}
+    job.replace_config(deployed_raw)
+    _, deployed_plugins = job.resolve(deployed_raw)
+    student = build_model(deployed_plugins, job.config, trained.modalities, len(trained.classes))
+    weights = getattr(trained.model, "module", trained.model).state_dict()
+    student.load_state_dict({k: v for k, v in weights.items() if not k.startswith("distill.")})
+    fused = trained.metrics.get("test", {}).get("fused", {}).get("accuracy")
+    job.notes.append(f"distilled into a student of {sum(p.numel() for p in student.parameters()):,} parameters "
+                     f"(the run had {sum(p.numel() for p in model.parameters()):,}), trained in "
+                     f"{Path(config.run.runs_dir) / config.run.name}" + (f", test accuracy {fused:.4f}" if fused else ""))
+    return student.to(trained.device).eval()
