@@ -11,3 +11,19 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 #: Version of the hook contract (core/hookspecs.py). Bumped when a hook changes incompatibly.
 HOOK_API_VERSION = 1
+
+
+def _quiet_torchao() -> None:
+    """transformers imports torchao whenever it is installed (the ``quantize`` extra), in every process.
+    torchao then loads CUDA kernels plait never calls (float8/MX; ``TORCHAO_FORCE_SKIP_LOADING_SO_FILES=0``
+    loads them) and torch logs a notice about torchao's enums at each start; neither concerns plait's users,
+    and the notices would break one-line errors."""
+    import logging
+    import os
+
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    logging.getLogger("torchao").addFilter(lambda record: "Skipping import of cpp extensions" not in record.getMessage())
+
+
+_quiet_torchao()

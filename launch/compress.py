@@ -2,7 +2,7 @@
 
 compress.yaml is a config fragment merged over the run's own config: ``plugins:`` blocks of the
 compressing plugins (chained through ``plait_compress`` in plugin order) and optionally
-``run: {name: ...}`` for the new folder (default: ``<run>-compressed``, beside the run). Without
+``run: {name: ...}`` for the new folder (default: ``<run folder>-compressed``, beside it). Without
 it, or when no plugin in it compresses, the chain is ``quantize`` with its defaults. The new folder
 is an ordinary run folder (``plait eval`` works on it) with ``report.md``: size on disk, CPU latency
 at batch 1 and 32 (one thread) and test accuracy per modality and fused, before and after. Its
@@ -69,13 +69,13 @@ def compress_run(run_dir: Path, spec_path: str | None = None, overrides: list[st
 
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: no such run folder")
-    source_config, _, source = load_run(run_dir)
+    _, _, source = load_run(run_dir)
     raw = load_config(run_dir / "config.yaml")
     spec = load_config(spec_path, overrides or []) if spec_path else {"plugins": {}}
     for key in set(spec.get("run", {})) - {"name", "runs_dir"}:
         raise ConfigError(f"{spec_path}: run.{key}: compress.yaml sets only run.name and run.runs_dir")
     merged = merge(raw, spec)
-    merged["run"]["name"] = spec.get("run", {}).get("name", f"{raw['run']['name']}-compressed")
+    merged["run"]["name"] = spec.get("run", {}).get("name", f"{run_dir.resolve().name}-compressed")
     merged["run"]["runs_dir"] = spec.get("run", {}).get("runs_dir", str(run_dir.parent))
     config, plugins = prepare(merged, str(spec_path or run_dir / "config.yaml"))
     if not plugins.implementers("plait_compress"):
@@ -131,6 +131,10 @@ def report(source_dir: Path, out_dir: Path, before: dict, after: dict, notes: li
                                ("latency_bs1_ms", "latency batch 1 (ms)", "faster"),
                                ("latency_bs32_ms", "latency batch 32 (ms)", "faster")):
         lines.append(f"| {label} | {before[key]:.2f} | {after[key]:.2f} | {before[key] / after[key]:.2f}x {better} |")
+    if after["latency_bs1_ms"] > before["latency_bs1_ms"] or after["latency_bs32_ms"] > before["latency_bs32_ms"]:
+        lines += ["", "Slower where the ratio is below 1x: with little data per layer (batch 1), converting "
+                  "activations to and from int8 around each quantized layer costs more than the int8 arithmetic "
+                  "saves."]
     lines += ["", "| test accuracy | before | after | change |", "|---|---:|---:|---:|"]
     for modality, metrics in before["accuracy"].items():
         a, b = metrics["accuracy"], after["accuracy"][modality]["accuracy"]

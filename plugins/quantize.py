@@ -432,7 +432,9 @@ def plait_compress(model, job):
     calibration = job.calibration_batches(options.calibration_batches)
     engine, timings = pick_engine(model, options, calibration)
     reference = _outputs(model, calibration[0]) if options.backend == "static_int8" else None
+    floats = sum(p.numel() for p in model.parameters())
     layers = quantize(model, options, engine, calibration)
+    share = 1 - sum(p.numel() for p in model.parameters()) / floats  # torch.ao int8 layers hold no float weights
     if reference is not None:
         _check_close(reference, _outputs(model, calibration[0]))
     block = {**options.model_dump(exclude_defaults=True), "backend": options.backend, "engine": engine or "auto",
@@ -440,7 +442,9 @@ def plait_compress(model, job):
     job.set_plugin_options("quantize", block)
     lines = [f"backend {options.backend}" + (f", engine {engine}" if engine else ""),
              f"{len(layers)} layers quantized" + (f" (trained with fake quantization: {qat_layers})" if qat_layers
-                                                  else "")]
+                                                  else "")
+             + (f", holding {share:.0%} of the model's weights: the rest (embedding tables, normalisation, layers "
+                "left in float) bounds the speed-up and the size" if engine not in ("", TORCHAO) else "")]
     if timings:
         lines.append("engine chosen by timing the whole model, one thread, ms: "
                      + ", ".join(f"{k} {v}" for k, v in sorted(timings.items(), key=lambda kv: kv[1])))
