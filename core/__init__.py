@@ -23,7 +23,8 @@ def _quiet_torchao() -> None:
 
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    logging.getLogger("torchao").addFilter(lambda record: "Skipping import of cpp extensions" not in record.getMessage())
+    skipped_kernels = "Skipping import of cpp extensions"
+    logging.getLogger("torchao").addFilter(lambda record: skipped_kernels not in record.getMessage())
 
 
 _quiet_torchao()

@@ -525,7 +525,8 @@ def plait_compress(model, job):
     weights = getattr(trained.model, "module", trained.model).state_dict()
     student.load_state_dict({k: v for k, v in weights.items() if not k.startswith("distill.")})
     fused = trained.metrics.get("test", {}).get("fused", {}).get("accuracy")
+    accuracy = f", test accuracy {fused:.4f}" if fused is not None else ""
     job.notes.append(f"distilled into a student of {sum(p.numel() for p in student.parameters()):,} parameters "
                      f"(the run had {sum(p.numel() for p in model.parameters()):,}), trained in "
-                     f"{Path(config.run.runs_dir) / config.run.name}" + (f", test accuracy {fused:.4f}" if fused else ""))
+                     f"{Path(config.run.runs_dir) / config.run.name}{accuracy}")
     return student.to(trained.device).eval()

@@ -40,7 +40,7 @@ from pydantic import Field
 from torch import nn
 
 from plait.core.config import Options
-from plait.core.errors import ConfigError
+from plait.core.errors import ConfigError, DataError
 from plait.core.hookspecs import hookimpl
 
 log = logging.getLogger("plait.quantize")
@@ -65,7 +65,6 @@ class QuantizeOptions(Options):
 # ------------------------------------------------------------ plain-tensor state
 _DTYPES = {"torch.qint8": torch.qint8, "torch.quint8": torch.quint8, "torch.qint32": torch.qint32,
            "torch.float16": torch.float16}
-_QDTYPE_OF_INT = {torch.int8: torch.qint8, torch.uint8: torch.quint8, torch.int32: torch.qint32}
 
 
 def _encode(key: str, value: Any, out: dict[str, Any]) -> None:
@@ -116,8 +115,7 @@ def _decode(key: str, entries: dict[str, torch.Tensor]) -> Any:
     if dtype:
         return _DTYPES[dtype[0][len("dtype="):]]
     if "int" in entries:
-        values = entries["int"]
-        qdtype = _QDTYPE_OF_INT[values.dtype]
+        values = entries["int"]  # its dtype (int8, uint8, int32) gives the quantized one
         axis = [name for name in entries if name.startswith("axis")]
         if axis:
             return torch._make_per_channel_quantized_tensor(
@@ -147,7 +145,11 @@ def _load_plain(self: nn.Module, state_dict: dict, prefix: str, local_metadata: 
         base, _, suffix = key.partition("#")
         grouped.setdefault(base, {})[suffix] = state_dict.pop(key)
     for base, entries in grouped.items():
-        state_dict[base] = _decode(base, entries)
+        try:
+            state_dict[base] = _decode(base, entries)
+        except (KeyError, ValueError, IndexError, RuntimeError, TypeError) as exc:
+            raise DataError(f"{base}: the stored quantized weights are malformed ({type(exc).__name__}: {exc}); "
+                            f"found entries {sorted(entries)[:6]}") from None
     # safetensors keeps no per-module versions; without one torch's quantized modules expect an old layout
     local_metadata.setdefault("version", getattr(type(self), "_version", 1))
     type(self)._load_from_state_dict(self, state_dict, prefix, local_metadata, *args)

@@ -11,7 +11,7 @@ from conftest import TINY_PLUGINS
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from plait.core.errors import ConfigError
+from plait.core.errors import ConfigError, DataError
 from plait.core.loop import build_dataset, fit, make_loader
 from plait.launch.cli import load, main, prepare
 from plait.launch.compress import compress_run
@@ -169,3 +169,20 @@ def test_distill_then_quantize_runs_from_one_compress_yaml(trained_dir, tmp_path
     assert any(note.startswith("distilled into a student") for note in result["notes"])
     _, _, reloaded = load_run(out)
     assert quantized_layers(reloaded.model) and reloaded.model.encoders["text"].model.config.hidden_size == 16
+
+
+def test_a_malformed_quantized_file_is_one_clear_error_naming_the_weight():
+    model = _DictModel(_mlp())
+    engine = engines_for("dynamic_int8")[0]
+    quantize(model, QuantizeOptions(), engine, None)
+    state = model.state_dict()
+    state["body.0._packed_params.dtype#dtype=torch.evil"] = state.pop("body.0._packed_params.dtype#dtype=torch.qint8")
+    with pytest.raises(DataError, match="body.0._packed_params.dtype: the stored quantized weights are malformed"):
+        model.load_state_dict(state)
+
+
+def test_compress_of_a_folder_that_is_no_run_is_one_line_and_exit_code_2(tmp_path, capsys):
+    assert main(["compress", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip() == f"plait: error: {tmp_path / 'nowhere'}: no such run folder"
+    assert main(["compress", str(tmp_path)]) == 2
+    assert "not a plait run folder (no config.yaml)" in capsys.readouterr().err
