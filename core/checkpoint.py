@@ -14,11 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import DataError
+from .errors import DataError, PlaitError
+
+
+class CheckpointError(PlaitError):
+    """A checkpoint could not be written."""
+
 
 PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
 TENSOR_KEY = "__tensor__"
 INT_KEYS = "__int_keys__"
 
@@ -69,25 +76,40 @@ def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save(checkpoints_dir: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any],
          keep: int) -> Path:
-    """Write a checkpoint atomically and keep only the newest ``keep``; return its folder."""
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    """Write a checkpoint atomically and keep only the newest ``keep``; return its folder.
+
+    A write that fails (disk full, read-only folder, quota) raises ``CheckpointError`` and leaves
+    the checkpoints already there as they were."""
     final = checkpoints_dir / f"{PREFIX}{step:08d}"
-    tmp = checkpoints_dir / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    # Clones: safetensors refuses views and shared storage (tied weights are stored twice).
-    save_file({k: v.detach().cpu().clone() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = flatten(trainer_state, tensors)
-    save_file(tensors, str(tmp / "trainer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(skeleton, indent=1))
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    if final.exists():  # same step written again (a resumed run): replace it whole
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(checkpoints_dir)
+    tmp = checkpoints_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    try:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoints_dir.glob(f"{TMP_PREFIX}*"):  # left by a process killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        # Clones: safetensors refuses views and shared storage (tied weights are stored twice).
+        save_file({k: v.detach().cpu().clone() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = flatten(trainer_state, tensors)
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(skeleton, indent=1))
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():  # the same step written again (a resumed run): swap, then drop the old one
+            replaced = checkpoints_dir / f"{TMP_PREFIX}replaced-{final.name}"
+            os.rename(final, replaced)
+            os.rename(tmp, final)
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(checkpoints_dir)
+    except (OSError, SafetensorError) as exc:  # safetensors reports its I/O errors as its own type
+        shutil.rmtree(tmp, ignore_errors=True)
+        newest = latest(checkpoints_dir)
+        kept = f"the newest checkpoint, {newest.name}, is intact" if newest else "there is no earlier checkpoint"
+        raise CheckpointError(f"{checkpoints_dir}: cannot write checkpoint {final.name}: {getattr(exc, 'strerror', None) or exc}; "
+                              f"{kept}") from None
     for old in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -46,6 +46,8 @@ class RunSettings(Options):
                                          "(besides every epoch's end)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_accumulation: int = Field(1, ge=1, description="batches per optimizer step")
+    max_nonfinite_steps: int = Field(10, ge=0, description="optimizer steps skipped for a NaN/Inf loss or "
+                                     "gradient before the run stops (0: stop at the first)")
     init_from: str | None = Field(None, description="a run folder whose newest weights start this run "
                                   "(fine-tuning); a run resuming from its own checkpoint ignores it")
 

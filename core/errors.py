@@ -2,7 +2,13 @@
 
 
 class PlaitError(Exception):
-    """Base of every error caused by input (config, data, plugins) rather than by a bug."""
+    """Base of every error caused by input (config, data, plugins) rather than by a bug.
+
+    Its message is one line whatever it quotes: line breaks in a user's key, path or value are
+    shown escaped (a YAML key "a\\nb" must not make the error two lines, or forge a second one)."""
+
+    def __str__(self) -> str:
+        return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
 
 
 class ConfigError(PlaitError):
@@ -17,9 +23,10 @@ class DataError(PlaitError):
     """A data set, row or file is missing, empty or unreadable. The message names it."""
 
 
-def nearest(word: str, choices) -> str:
-    """' (did you mean X?)' for the closest of choices, or '' when nothing is close."""
+def nearest(word: object, choices) -> str:
+    """' (did you mean X?)' for the closest of choices, or '' when nothing is close. Anything a
+    YAML file may hold as a key (None, a number) is compared as text."""
     import difflib
 
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""

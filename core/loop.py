@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -20,10 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint
 from .config import PlaitConfig
-from .errors import ConfigError, DataError, PluginError
+from .errors import ConfigError, DataError, PlaitError, PluginError
 from .manager import Plugins
 from .model import build_model
 from .state import RunState
+
+log = logging.getLogger("plait")
 
 RUN_INFO = "run.json"
 
@@ -195,9 +198,53 @@ def loss_terms(state: RunState, batch: dict, outputs: dict) -> dict[str, torch.T
             if name in terms:
                 raise PluginError(f"plugin '{plugin}' returned loss term '{name}', which another plugin returned too")
             terms[name] = value
+            state.loss_owners[name] = plugin
     if not terms:
         raise PluginError("no plugin returned a loss term; add 'fusion' (cross-entropy) to plugins:")
     return terms
+
+
+class NonFiniteLoss(PlaitError):
+    """Too many optimizer steps had a NaN or Inf loss or gradient."""
+
+
+def _grad_norm(model: torch.nn.Module, clip: float | None) -> torch.Tensor:
+    """The gradients' total norm, after clipping them to ``clip`` when given."""
+    if clip:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+
+
+def skip_nonfinite(state: RunState, micro: list, grad_norm: torch.Tensor | None,
+                   buffers: list[torch.Tensor], saved: list[torch.Tensor]) -> bool:
+    """True when this step must not reach the optimizer: a loss term, or (without fp16's scaler,
+    which skips such steps itself) the gradient norm is not finite. The step's gradients are
+    dropped and buffers that its forward passes changed (BatchNorm statistics) are put back.
+    Every worker decides alike: gradients are averaged first, and a worker's bad loss is shared."""
+    bad_terms = sorted({name for _, _, terms in micro for name, value in terms.items()
+                        if not torch.isfinite(value).all()})
+    bad_grad = grad_norm is not None and state.scaler is None and not bool(torch.isfinite(grad_norm))
+    if not all_reduce_max([float(bool(bad_terms) or bad_grad)])[0]:
+        return False
+    state.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for buffer, value in zip(buffers, saved):
+            buffer.copy_(value)
+    state.nonfinite_steps += 1
+    run = state.config.run
+    what = ", ".join(f"loss term '{n}' (plugin {state.loss_owners.get(n, '?')})" for n in bad_terms) or \
+        ("the gradients" if bad_grad else "another worker's loss")
+    message = (f"step {state.step + 1}: {what} not finite; the step was skipped, the weights are unchanged "
+               f"({state.nonfinite_steps} skipped, run.max_nonfinite_steps {run.max_nonfinite_steps})")
+    if state.nonfinite_steps > run.max_nonfinite_steps:
+        newest = checkpoint.latest(state.run_dir / "checkpoints")
+        kept = f"the newest checkpoint, {newest.name}, is the last good one" if newest else "no checkpoint was written"
+        raise NonFiniteLoss(f"{message}; the run stops: {kept}")
+    if state.is_main:
+        log.warning(message)
+    return True
 
 
 def densify_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -441,6 +488,7 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
             plugins.call_each("plait_checkpoint_saved", state=state, path=path)
 
     plugins.call_each("plait_fit_start", state=state)
+    buffers = list(model.buffers())  # what a forward may change (BatchNorm statistics and counts)
     started = time.perf_counter()
     samples_seen = 0
     while state.epoch < run.epochs and state.step < total_steps:
@@ -456,6 +504,7 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
             last_of_step = len(micro) + 1 == accumulation or batches_done == batches_per_epoch
             if not micro:
                 plugins.call_each("plait_batch_start", state=state, batch=batch)
+                saved_buffers = [b.detach().clone() for b in buffers]
             sync = contextlib.nullcontext() if last_of_step or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast(state):
@@ -471,8 +520,10 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
             if state.scaler is not None:
                 state.scaler.unscale_(optimizer)
             plugins.call_each("plait_after_backward", state=state)
-            if run.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), run.grad_clip)
+            grad_norm = _grad_norm(model, run.grad_clip)
+            if skip_nonfinite(state, micro, grad_norm, buffers, saved_buffers):
+                micro = []
+                continue
             if state.scaler is not None:
                 state.scaler.step(optimizer)
                 state.scaler.update()

@@ -34,6 +34,10 @@ class RunState:
     rank: int = 0
     world_size: int = 1
     lockstep: bool = False  # see core.loop.Distributed.lockstep
+    #: Which plugin returned each loss term (for messages).
+    loss_owners: dict[str, str] = field(default_factory=dict)
+    #: Optimizer steps skipped because a loss or gradient was not finite.
+    nonfinite_steps: int = 0
 
     @property
     def is_main(self) -> bool:

@@ -32,10 +32,12 @@ ENTRYPOINT = "python -m plait.launch.cli train config.yaml"
 
 
 def auth_headers() -> dict[str, str]:
-    """Bearer token for a cluster with token authentication ($RAY_AUTH_TOKEN or ~/.ray/auth_token)."""
+    """Bearer token for a cluster with token authentication, found where Ray looks for it:
+    $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token. Sent, never printed."""
     token = os.environ.get("RAY_AUTH_TOKEN")
-    if not token and TOKEN_FILE.is_file():
-        token = TOKEN_FILE.read_text().strip()
+    path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]) if os.environ.get("RAY_AUTH_TOKEN_PATH") else TOKEN_FILE
+    if not token and path.is_file():
+        token = path.read_text().strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 

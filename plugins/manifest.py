@@ -9,6 +9,7 @@ unreadable one is reported with its manifest row.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class ManifestOptions(Options):
     classes: list[str] | None = Field(None, description="class names in label order; default: sorted labels")
     image_size: int = Field(32, ge=4)
     image_channels: int = Field(1, ge=1, le=4)
+    allow_outside_root: bool = Field(False, description="accept file paths that lead out of the manifest's "
+                                     "folder (absolute paths, ../); refused by default, for manifests you did "
+                                     "not write")
 
 
 def read_rows(path: Path) -> list[tuple[int, dict]]:
@@ -56,7 +60,7 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
                 raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             rows.append((number, row))
         return rows
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # a quoted cell may hold line breaks
     if reader.fieldnames is None:
         return []
     unknown = [c for c in reader.fieldnames if c not in (*MODALITIES, "label", "id")]
@@ -79,6 +83,7 @@ class Manifest(Dataset):
         if not rows:
             raise DataError(f"{path}: the manifest has no rows")
         self.rows = []
+        root = path.parent.resolve()
         for number, row in rows:
             where = f"{path}:{number}"
             label = str(row.get("label") if row.get("label") is not None else "").strip()
@@ -88,6 +93,10 @@ class Manifest(Dataset):
             for modality in MODALITIES:
                 value = row.get(modality)
                 value = str(value).strip() if value is not None else ""
+                is_file = value and (modality in FILE_COLUMNS or (value.endswith(".txt") and (path.parent / value)
+                                                                  .is_file()))
+                if is_file and not options.allow_outside_root:
+                    self._check_inside(root, value, f"{where}: {modality}")
                 if modality == "text" and value.endswith(".txt") and (path.parent / value).is_file():
                     value = (path.parent / value).read_text(encoding="utf-8").strip()
                 elif value and modality in FILE_COLUMNS:
@@ -108,6 +117,13 @@ class Manifest(Dataset):
             entry["label"] = index[entry["label"]]
         self.modalities = tuple(m for m in MODALITIES if any(r[m] is not None for r in self.rows))
         self.info = {"image_shape": [options.image_channels, options.image_size, options.image_size]}
+
+    @staticmethod
+    def _check_inside(root: Path, value: str, where: str) -> None:
+        target = (root / value).resolve()  # symlinks followed: a link out of the folder leads out too
+        if not target.is_relative_to(root):
+            raise DataError(f"{where} file '{value}' is outside the manifest's folder {root}; set "
+                            "plugins.manifest.allow_outside_root: true if you trust this manifest")
 
     def __len__(self) -> int:
         return len(self.rows)
