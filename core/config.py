@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import ConfigError, nearest
 
@@ -31,7 +31,8 @@ class RunSettings(Options):
     epochs: int = Field(5, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1, description="default: batch_size, so that evaluating "
+                                        "never needs more memory than a training step")
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(0, ge=0)
@@ -50,6 +51,12 @@ class RunSettings(Options):
                                      "gradient before the run stops (0: stop at the first)")
     init_from: str | None = Field(None, description="a run folder whose newest weights start this run "
                                   "(fine-tuning); a run resuming from its own checkpoint ignores it")
+
+    @model_validator(mode="after")
+    def _eval_batch_size(self) -> "RunSettings":
+        if self.eval_batch_size is None:
+            self.eval_batch_size = self.batch_size
+        return self
 
 
 class ScalingSettings(Options):

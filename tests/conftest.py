@@ -14,6 +14,14 @@ sys.path.insert(0, str(PLUGINS_FOR_TESTS))  # test plugins, named in configs lik
 
 from plait.testing import TINY_PLUGINS  # noqa: E402 - one tiny plugin set, also for plugin authors
 
+from hypothesis import settings  # noqa: E402
+
+# CI replays the same hostile inputs every time (a failure there is reproducible); runs elsewhere
+# draw new ones, and a case that fails is kept in .hypothesis/ and tried first next time.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def plait_cache(tmp_path_factory) -> Path:
