@@ -93,6 +93,8 @@ class Manifest(Dataset):
             for modality in MODALITIES:
                 value = row.get(modality)
                 value = str(value).strip() if value is not None else ""
+                if "\x00" in value:
+                    raise DataError(f"{where}: {modality} holds a NUL character, which no file name or text may have")
                 is_file = value and (modality in FILE_COLUMNS or (value.endswith(".txt") and (path.parent / value)
                                                                   .is_file()))
                 if is_file and not options.allow_outside_root:
