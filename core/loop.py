@@ -317,8 +317,14 @@ def log_metrics(state: RunState, metrics: dict[str, Any]) -> None:
     if not state.is_main:
         return
     row = {"step": state.step, "epoch": state.epoch, **metrics}
-    with open(state.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
+    path = state.run_dir / "metrics.jsonl"
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+    except OSError as exc:  # a full disk, say: the run cannot go on keeping its record
+        newest = checkpoint.latest(state.run_dir / "checkpoints")
+        kept = f"the newest checkpoint, {newest.name}, is intact" if newest else "no checkpoint was written yet"
+        raise DataError(f"{path}: cannot write the metrics: {exc.strerror or exc}; {kept}") from None
     state.plugins.call_each("plait_log_metrics", metrics=row, step=state.step, state=state)
 
 

@@ -2,8 +2,7 @@
 import json
 import logging
 import random
-import resource
-import signal
+import re
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import nan_at
 from conftest import TINY_PLUGINS
 
 from plait.core import checkpoint
-from plait.core.checkpoint import CheckpointError
+from plait.core.errors import PlaitError
 from plait.core.loop import NonFiniteLoss, fit
 from plait.launch.cli import load
 from plait.launch.evaluate import load_run
@@ -45,26 +44,31 @@ def test_too_many_non_finite_steps_stop_the_run_keeping_the_last_good_checkpoint
     assert all(torch.isfinite(p).all() for p in state.model.parameters())
 
 
-@pytest.fixture
-def file_size_limit():
-    """``limit(n)``: from now on this process cannot write a file past n bytes (EFBIG, as a full disk
-    or a quota fails a write); undone after the test."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error from write(), not a killed process
-    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    signal.signal(signal.SIGXFSZ, previous)
+FULL_DISK_WRITER = """
+import resource, signal, sys, torch
+from pathlib import Path
+from plait.core import checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() fails with EFBIG instead of the process being killed
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))  # model.safetensors needs ~17 kB
+try:
+    checkpoint.save(Path(sys.argv[1]), 2, torch.nn.Linear(64, 64).state_dict(), {"step": 2}, keep=2)
+except checkpoint.CheckpointError as exc:
+    print(exc)
+"""
 
 
-def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_previous_one_stays(tmp_path, file_size_limit):
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_the_previous_one_stays(tmp_path):
+    """A real write failure: the kernel's file-size limit (EFBIG, as a full disk or a quota fails a
+    write), set in a child process so that no other file of this one is limited."""
     folder = tmp_path / "checkpoints"
     model = torch.nn.Linear(64, 64)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     checkpoint.save(folder, 1, weights, {"step": 1}, keep=2)
-    file_size_limit(1024)  # model.safetensors needs ~17 kB
-    with pytest.raises(CheckpointError, match="cannot write checkpoint step-00000002: .*File too large.*the newest "
-                       "checkpoint, step-00000001, is intact"):
-        checkpoint.save(folder, 2, weights, {"step": 2}, keep=2)
+    child = subprocess.run([sys.executable, "-c", FULL_DISK_WRITER, str(folder)], capture_output=True, text=True,
+                           timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert re.search("cannot write checkpoint step-00000002: .*File too large.*the newest checkpoint, "
+                     "step-00000001, is intact", child.stdout), child.stdout
     assert sorted(p.name for p in folder.iterdir()) == ["step-00000001"]  # no half-written folder left
     restored = torch.nn.Linear(64, 64)
     assert checkpoint.load(folder / "step-00000001", restored)["step"] == 1
@@ -120,3 +124,11 @@ def test_kill_9_at_any_moment_leaves_a_run_folder_that_loads_and_resumes(write_c
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 18
     assert _newest_step(run_dir) == 18
     assert not list((run_dir / "checkpoints").glob(f"{checkpoint.TMP_PREFIX}*"))
+
+
+def test_metrics_that_cannot_be_written_stop_the_run_with_one_clear_error(write_config):
+    path = write_config(TINY_PLUGINS, name="unwritable", max_steps=2, log_every=1)
+    (path.parent / "runs" / "unwritable" / "metrics.jsonl").mkdir(parents=True)  # writing it fails (EISDIR)
+    with pytest.raises(PlaitError, match="metrics.jsonl: cannot write the metrics: Is a directory; no checkpoint "
+                       "was written yet"):
+        fit(*load(str(path), []))
