@@ -106,10 +106,9 @@ def save(checkpoints_dir: Path, step: int, weights: dict[str, torch.Tensor], tra
         _fsync_dir(checkpoints_dir)
     except (OSError, SafetensorError) as exc:  # safetensors reports its I/O errors as its own type
         shutil.rmtree(tmp, ignore_errors=True)
-        newest = latest(checkpoints_dir)
-        kept = f"the newest checkpoint, {newest.name}, is intact" if newest else "there is no earlier checkpoint"
-        raise CheckpointError(f"{checkpoints_dir}: cannot write checkpoint {final.name}: {getattr(exc, 'strerror', None) or exc}; "
-                              f"{kept}") from None
+        reason = getattr(exc, "strerror", None) or exc
+        raise CheckpointError(f"{checkpoints_dir}: cannot write checkpoint {final.name}: {reason}; "
+                              f"{what_is_kept(checkpoints_dir, 'is intact')}") from None
     for old in list_checkpoints(checkpoints_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -125,6 +124,12 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 def latest(checkpoints_dir: Path) -> Path | None:
     found = list_checkpoints(checkpoints_dir)
     return found[-1] if found else None
+
+
+def what_is_kept(checkpoints_dir: Path, state: str) -> str:
+    """For an error that stops a run: "the newest checkpoint, step-N, <state>", or that there is none."""
+    newest = latest(checkpoints_dir)
+    return f"the newest checkpoint, {newest.name}, {state}" if newest else "no checkpoint was written yet"
 
 
 def load(checkpoint: Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, Any]:

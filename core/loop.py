@@ -217,7 +217,7 @@ def _grad_norm(model: torch.nn.Module, clip: float | None) -> torch.Tensor:
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
 
 
-def skip_nonfinite(state: RunState, micro: list, grad_norm: torch.Tensor | None,
+def skip_nonfinite(state: RunState, micro: list, grad_norm: torch.Tensor,
                    buffers: list[torch.Tensor], saved: list[torch.Tensor]) -> bool:
     """True when this step must not reach the optimizer: a loss term, or (without fp16's scaler,
     which skips such steps itself) the gradient norm is not finite. The step's gradients are
@@ -225,7 +225,7 @@ def skip_nonfinite(state: RunState, micro: list, grad_norm: torch.Tensor | None,
     Every worker decides alike: gradients are averaged first, and a worker's bad loss is shared."""
     bad_terms = sorted({name for _, _, terms in micro for name, value in terms.items()
                         if not torch.isfinite(value).all()})
-    bad_grad = grad_norm is not None and state.scaler is None and not bool(torch.isfinite(grad_norm))
+    bad_grad = state.scaler is None and not bool(torch.isfinite(grad_norm))
     if not all_reduce_max([float(bool(bad_terms) or bad_grad)])[0]:
         return False
     state.optimizer.zero_grad(set_to_none=True)
@@ -239,8 +239,7 @@ def skip_nonfinite(state: RunState, micro: list, grad_norm: torch.Tensor | None,
     message = (f"step {state.step + 1}: {what} not finite; the step was skipped, the weights are unchanged "
                f"({state.nonfinite_steps} skipped, run.max_nonfinite_steps {run.max_nonfinite_steps})")
     if state.nonfinite_steps > run.max_nonfinite_steps:
-        newest = checkpoint.latest(state.run_dir / "checkpoints")
-        kept = f"the newest checkpoint, {newest.name}, is the last good one" if newest else "no checkpoint was written"
+        kept = checkpoint.what_is_kept(state.run_dir / "checkpoints", "is the last good one")
         raise NonFiniteLoss(f"{message}; the run stops: {kept}")
     if state.is_main:
         log.warning(message)
@@ -322,8 +321,7 @@ def log_metrics(state: RunState, metrics: dict[str, Any]) -> None:
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
     except OSError as exc:  # a full disk, say: the run cannot go on keeping its record
-        newest = checkpoint.latest(state.run_dir / "checkpoints")
-        kept = f"the newest checkpoint, {newest.name}, is intact" if newest else "no checkpoint was written yet"
+        kept = checkpoint.what_is_kept(state.run_dir / "checkpoints", "is intact")
         raise DataError(f"{path}: cannot write the metrics: {exc.strerror or exc}; {kept}") from None
     state.plugins.call_each("plait_log_metrics", metrics=row, step=state.step, state=state)
 

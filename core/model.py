@@ -115,15 +115,20 @@ def cpu_latency_ms(model: torch.nn.Module, batch: dict, size: int) -> float:
     rows = torch.arange(size) % batch["label"].shape[0]
     small = {"label": batch["label"][rows], "present": {m: v[rows] for m, v in batch["present"].items()},
              "inputs": {m: select_rows(v, rows) for m, v in batch["inputs"].items()}}
+    return median_forward_ms(model, small)
+
+
+def median_forward_ms(model: torch.nn.Module, batch: Any, repeats: int = 5) -> float:
+    """Median time (ms) of ``repeats`` forward passes on ``batch`` after one warm-up, one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            model(small)
+            model(batch)
             times = []
-            for _ in range(5):
+            for _ in range(repeats):
                 started = time.perf_counter()
-                model(small)
+                model(batch)
                 times.append(time.perf_counter() - started)
     finally:
         torch.set_num_threads(threads)

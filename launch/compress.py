@@ -70,7 +70,7 @@ def compress_run(run_dir: Path, spec_path: str | None = None, overrides: list[st
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: no such run folder")
     _, _, source = load_run(run_dir)
-    raw = load_config(run_dir / "config.yaml")
+    raw = source.config.to_dict()  # config.yaml as load_run read it
     spec = load_config(spec_path, overrides or []) if spec_path else {"plugins": {}}
     for key in set(spec.get("run", {})) - {"name", "runs_dir"}:
         raise ConfigError(f"{spec_path}: run.{key}: compress.yaml sets only run.name and run.runs_dir")

@@ -95,11 +95,10 @@ class Manifest(Dataset):
                 value = str(value).strip() if value is not None else ""
                 if "\x00" in value:
                     raise DataError(f"{where}: {modality} holds a NUL character, which no file name or text may have")
-                is_file = value and (modality in FILE_COLUMNS or (value.endswith(".txt") and (path.parent / value)
-                                                                  .is_file()))
-                if is_file and not options.allow_outside_root:
+                text_file = modality == "text" and value.endswith(".txt") and (path.parent / value).is_file()
+                if (text_file or (value and modality in FILE_COLUMNS)) and not options.allow_outside_root:
                     self._check_inside(root, value, f"{where}: {modality}")
-                if modality == "text" and value.endswith(".txt") and (path.parent / value).is_file():
+                if text_file:
                     value = (path.parent / value).read_text(encoding="utf-8").strip()
                 elif value and modality in FILE_COLUMNS:
                     file = (path.parent / value)

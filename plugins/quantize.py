@@ -30,10 +30,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 import types
 import warnings
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Iterable, Literal
 
 import torch
 from pydantic import Field
@@ -42,6 +41,7 @@ from torch import nn
 from plait.core.config import Options
 from plait.core.errors import ConfigError, DataError
 from plait.core.hookspecs import hookimpl
+from plait.core.model import median_forward_ms
 
 log = logging.getLogger("plait.quantize")
 
@@ -186,13 +186,12 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
-def fold_batch_norms(model: nn.Module, skip: list[str]) -> int:
+def fold_batch_norms(model: nn.Module, skip: list[str]) -> None:
     """Fold each BatchNorm2d into the Conv2d registered just before it (eval mode), the BatchNorm
     becoming an Identity. Registration order is taken as call order (true of Sequential blocks and
     timm's ResNets); ``static_int8`` checks the outputs did not change."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    folded = 0
     for path, module in list(model.named_modules()):
         names = list(module._modules)
         for first, second in zip(names, names[1:]):
@@ -201,8 +200,6 @@ def fold_batch_norms(model: nn.Module, skip: list[str]) -> int:
             if type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and not _under(where, skip):
                 module._modules[first] = fuse_conv_bn_eval(conv.eval(), norm.eval())
                 module._modules[second] = nn.Identity()
-                folded += 1
-    return folded
 
 
 # ------------------------------------------------------------------ backends
@@ -301,15 +298,10 @@ def quantize(model: nn.Module, options: QuantizeOptions, engine: str, calibratio
 
 # ------------------------------------------------------------------ engines
 def _torchao_available() -> bool:
-    pytree = logging.getLogger("torch.utils._pytree")  # torchao's import warns about torch internals
-    level = pytree.level
-    pytree.setLevel(logging.ERROR)
-    try:
+    try:  # (plait.core keeps torchao's import quiet)
         import torchao  # noqa: F401
     except ImportError:
         return False
-    finally:
-        pytree.setLevel(level)
     return True
 
 
@@ -318,20 +310,6 @@ def engines_for(backend: str) -> list[str]:
     if backend == "dynamic_int8":
         return _torch_engines() + ([TORCHAO] if _torchao_available() else [])
     return _torch_engines() if backend == "static_int8" else []
-
-
-def _latency_s(model: nn.Module, batch: dict, repeats: int = 3) -> float:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as report.md measures it
-    try:
-        with torch.inference_mode():
-            model(batch)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                model(batch)
-        return (time.perf_counter() - start) / repeats
-    finally:
-        torch.set_num_threads(threads)
 
 
 def pick_engine(model: nn.Module, options: QuantizeOptions, calibration: list[dict]) -> tuple[str, dict[str, float]]:
@@ -348,7 +326,7 @@ def pick_engine(model: nn.Module, options: QuantizeOptions, calibration: list[di
     for engine in available:
         trial = copy.deepcopy(model)
         quantize(trial, options, engine, calibration)
-        timings[engine] = round(_latency_s(trial, calibration[0]) * 1000, 2)
+        timings[engine] = round(median_forward_ms(trial, calibration[0]), 2)  # one thread, as report.md
     return min(timings, key=timings.get), timings
 
 
