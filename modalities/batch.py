@@ -2,7 +2,7 @@
 
 A batch is a dict: ``label`` [B], ``ids`` (list), ``present`` {modality: bool [B]} and
 ``inputs`` {modality: {...}} where every value has B rows (zeros or "" where absent):
-text -> ``text`` (list of str); image -> ``image`` [B, C, H, W];
+text -> ``text`` (list of str) and, when samples carry ``text_numbers``, ``numbers`` (list of float lists); image -> ``image`` [B, C, H, W];
 audio -> ``audio`` [B, T_max] zero-padded and ``lengths`` [B].
 """
 from __future__ import annotations
@@ -20,6 +20,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     size = len(samples)
     present = {m: torch.tensor([s.get(m) is not None for s in samples], dtype=torch.bool) for m in MODALITIES}
     inputs: dict[str, dict[str, Any]] = {"text": {"text": [s.get("text") or "" for s in samples]}}
+    if any("text_numbers" in s for s in samples):  # the values of a text's [NUM] tokens (finance's xVal mode)
+        inputs["text"]["numbers"] = [list(s.get("text_numbers") or []) for s in samples]
 
     images = [s.get("image") for s in samples]
     shapes = {tuple(i.shape) for i in images if i is not None}

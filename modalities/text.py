@@ -37,6 +37,11 @@ class WordPieceTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
+    def add_special_token(self, token: str) -> int:
+        """Make ``token`` one unsplittable piece (a new id past the vocabulary unless it is in it); its id."""
+        self.tokenizer.add_special_tokens([token])
+        return self.tokenizer.token_to_id(token)
+
     @property
     def vocabulary(self) -> str:
         """Names the tokenization: two tokenizers with the same one split a text alike."""

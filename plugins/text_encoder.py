@@ -15,6 +15,8 @@ from plait.core.errors import ConfigError
 from plait.core.hookspecs import hookimpl
 from plait.modalities.text import ByteTokenizer, WordPieceTokenizer, masked_mean, minilm_folder
 
+NUM_TOKEN = "[NUM]"  # what the finance plugin writes for a number in its xval mode
+
 
 class TextEncoderOptions(Options):
     pretrained: str | None = Field(None, description="local model folder, or 'minilm'")
@@ -26,6 +28,8 @@ class TextEncoderOptions(Options):
     max_length: int = Field(32, ge=4)
     dropout: float = Field(0.1, ge=0, lt=1)
     freeze: bool = False
+    numeric_channel: bool = Field(False, description="a [NUM] token whose embedding is scaled by the number the "
+                                  "sample carries for it (xVal; the finance plugin's numbers: xval)")
 
 
 class TextEncoder(nn.Module):
@@ -41,10 +45,14 @@ class TextEncoder(nn.Module):
             if not Path(folder).is_dir():
                 raise ConfigError(f"plugins.text_encoder.pretrained: model folder '{folder}' not found")
             self.tokenizer = WordPieceTokenizer(folder, options.max_length)
+            self.num_id = self._add_num_token(options)
             self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+            if self.model.config.vocab_size < self.tokenizer.vocab_size:
+                self.model.resize_token_embeddings(self.tokenizer.vocab_size)
         else:
             self.tokenizer = (ByteTokenizer(options.max_length) if options.tokenizer == "bytes"
                               else WordPieceTokenizer(None, options.max_length))
+            self.num_id = self._add_num_token(options)
             config = BertConfig(
                 vocab_size=self.tokenizer.vocab_size, hidden_size=options.hidden,
                 num_hidden_layers=options.layers, num_attention_heads=options.heads,
@@ -57,12 +65,38 @@ class TextEncoder(nn.Module):
         self.out_dim = self.model.config.hidden_size
         self.attention_mask: torch.Tensor | None = None
 
+    def _add_num_token(self, options: TextEncoderOptions) -> int | None:
+        if not options.numeric_channel:
+            return None
+        if not isinstance(self.tokenizer, WordPieceTokenizer):
+            raise ConfigError("plugins.text_encoder.numeric_channel needs the wordpiece tokenizer")
+        return self.tokenizer.add_special_token(NUM_TOKEN)
+
     def forward(self, inputs: dict) -> torch.Tensor:
         device = next(self.model.parameters()).device
         ids, mask = self.tokenizer(inputs["text"])
         ids, mask = ids.to(device), mask.to(device)
         self.attention_mask = mask  # the last forward's; token-level distillation reads it
-        return masked_mean(self.model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        if self.num_id is None:
+            return masked_mean(self.model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        embeddings = self.model.get_input_embeddings()(ids)
+        scale = number_scale(ids, self.num_id, inputs.get("numbers"), embeddings.dtype)
+        hidden = self.model(inputs_embeds=embeddings * scale.unsqueeze(-1), attention_mask=mask).last_hidden_state
+        return masked_mean(hidden, mask)
+
+
+def number_scale(ids: torch.Tensor, num_id: int, numbers: list[list[float]] | None, dtype: torch.dtype) -> torch.Tensor:
+    """[N, T]: 1 everywhere except at [NUM] tokens, which get their sample's numbers in order (xVal). A [NUM]
+    without a number (the text had more than the sample's list) keeps 1; numbers past truncation are unused."""
+    scale = torch.ones(ids.shape, dtype=dtype, device=ids.device)
+    if not numbers:
+        return scale
+    rows, cols = (ids == num_id).nonzero(as_tuple=True)
+    for row in rows.unique().tolist():
+        values = numbers[row][: int((rows == row).sum())]
+        if values:
+            scale[row, cols[rows == row][: len(values)]] = torch.tensor(values, dtype=dtype, device=ids.device)
+    return scale
 
 
 @hookimpl
