@@ -90,6 +90,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from plait.launch.preprocess import option_pairs, run_preprocess
+
+    options = option_pairs([*args.options, *getattr(args, "extra", [])])
+    return run_preprocess(args.name, options, args.input, args.output, args.query, args.json)
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     if args.order:
         return _print_order(args)
@@ -207,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--json", action="store_true", help="print the figures as JSON")
     compress.set_defaults(func=cmd_compress)
 
+    preprocess = sub.add_parser(
+        "preprocess", help="run a plugin's sample transform over JSONL lines (medical, finance, legal...)",
+        description="Options of the plugin follow as --key value or key=value, e.g. "
+                    "`plait preprocess legal --corpus DIR --query '...' --k 5 --json`.")
+    preprocess.add_argument("name", help="the plugin (legal is legal_rag)")
+    preprocess.add_argument("options", nargs="*", metavar="key=value", help="the plugin's options")
+    preprocess.add_argument("--input", help="a JSONL file whose lines have a 'text' field")
+    preprocess.add_argument("--output", help="where the JSONL goes (default: stdout)")
+    preprocess.add_argument("--query", help="transform this one text instead of a file")
+    preprocess.add_argument("--json", action="store_true", help="with --query: print JSON only")
+    preprocess.set_defaults(func=cmd_preprocess, takes_plugin_options=True)
+
     launch = sub.add_parser("launch", help="run a config as a Ray job on a cluster")
     launch.add_argument("config", nargs="?")
     launch.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -260,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may also follow options (`plait train c.yaml --verbose run.epochs=2`)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
+    elif extra and getattr(args, "takes_plugin_options", False):
+        args.extra = extra  # `plait preprocess legal --corpus DIR --k 5`: the plugin's options
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.WARNING, format="plait: %(levelname)s: %(message)s")

@@ -1,0 +1,196 @@
+"""The domain plugins measured on hand-annotated data: medical de-identification and entities, finance numbers on a
+real market-data task, legal retrieval over the U.S. Constitution.
+
+    .venv/bin/python benchmarks/domains.py [--only medical,finance,legal] [--runs-dir DIR] [--show-misses]
+
+Last line: one JSON object with phi_recall, entity_f1, negation_accuracy, finance_acc_with, finance_acc_without,
+legal_recall_at_5, legal_mrr (and the figures behind them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "benchmarks" / "data"
+MARK = re.compile(r"\[\[(?P<phi>[^|\]]+)\|(?P<type>[A-Z]+)\]\]|\{\{(?P<ent>[^|}]+)\|(?P<code>[^|}]+)(?:\|(?P<flags>[^}]*))?\}\}")
+
+
+def parse_notes(path: Path) -> list[dict]:
+    """The annotated sentences: plain text, gold PHI spans and gold condition spans (offsets in the plain text)."""
+    notes = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        text, phi, entities, cursor = [], [], [], 0
+        length = 0
+        for match in MARK.finditer(line):
+            before = line[cursor:match.start()]
+            text.append(before)
+            length += len(before)
+            surface = match["phi"] or match["ent"]
+            if match["phi"]:
+                phi.append({"start": length, "end": length + len(surface), "type": match["type"]})
+            else:
+                flags = set((match["flags"] or "").split(",")) - {""}
+                entities.append({"start": length, "end": length + len(surface), "code": match["code"],
+                                 "negated": "neg" in flags, "uncertain": "unc" in flags, "historical": "hist" in flags})
+            text.append(surface)
+            length += len(surface)
+            cursor = match.end()
+        text.append(line[cursor:])
+        notes.append({"text": "".join(text), "phi": phi, "entities": entities})
+    return notes
+
+
+def measure_medical(show_misses: bool) -> dict:
+    from plait.plugins import medical
+
+    notes = parse_notes(DATA / "clinical_notes.txt")
+    gold_phi = found_phi = typed_phi = predicted_phi = 0
+    true_pos = false_pos = false_neg = exact_code = 0
+    flag_right = {"negated": 0, "uncertain": 0, "historical": 0}
+    misses: list[str] = []
+    started = time.perf_counter()
+    for note in notes:
+        text = note["text"]
+        spans = medical.find_phi(text)
+        predicted_phi += len(spans)
+        covered = [False] * len(text)
+        types = [None] * len(text)
+        for s in spans:
+            for i in range(s.start, s.end):
+                covered[i], types[i] = True, s.type
+        for g in note["phi"]:
+            gold_phi += 1
+            if all(covered[i] or text[i].isspace() for i in range(g["start"], g["end"])):
+                found_phi += 1
+                typed_phi += types[g["start"]] == g["type"]
+            else:
+                misses.append(f"PHI missed {g['type']}: {text[g['start']:g['end']]!r} in {text!r}")
+        # conditions are scored on the original text, so that gold offsets hold
+        predicted = medical.find_conditions(text)
+        used = set()
+        for g in note["entities"]:
+            match = next((i for i, p in enumerate(predicted) if i not in used and p["start"] < g["end"]
+                          and g["start"] < p["end"] and p["code"][:3] == g["code"][:3]), None)
+            if match is None:
+                false_neg += 1
+                got = [(p["text"], p["code"]) for p in predicted if p["start"] < g["end"] and g["start"] < p["end"]]
+                misses.append(f"entity missed {text[g['start']:g['end']]!r} {g['code']} (found {got}) in {text!r}")
+                continue
+            used.add(match)
+            true_pos += 1
+            p = predicted[match]
+            exact_code += p["code"] == g["code"]
+            for flag in flag_right:
+                flag_right[flag] += p[flag] == g[flag]
+                if p[flag] != g[flag]:
+                    misses.append(f"{flag} wrong ({p[flag]}) for {p['text']!r} in {text!r}")
+        for i, p in enumerate(predicted):
+            if i not in used:
+                false_pos += 1
+                misses.append(f"entity extra {p['text']!r} {p['code']} in {text!r}")
+    seconds = time.perf_counter() - started
+    if show_misses:
+        print("\n".join(misses), file=sys.stderr)
+    precision = true_pos / max(1, true_pos + false_pos)
+    recall = true_pos / max(1, true_pos + false_neg)
+    result = {
+        "phi_recall": round(found_phi / gold_phi, 4),
+        "phi_type_accuracy": round(typed_phi / max(1, found_phi), 4),
+        "phi_gold": gold_phi, "phi_predicted": predicted_phi,
+        "entity_f1": round(2 * precision * recall / max(1e-9, precision + recall), 4),
+        "entity_precision": round(precision, 4), "entity_recall": round(recall, 4),
+        "entity_code_exact": round(exact_code / max(1, true_pos), 4),
+        "entities_gold": true_pos + false_neg,
+        "negation_accuracy": round(flag_right["negated"] / max(1, true_pos), 4),
+        "uncertainty_accuracy": round(flag_right["uncertain"] / max(1, true_pos), 4),
+        "history_accuracy": round(flag_right["historical"] / max(1, true_pos), 4),
+        "clinical_sentences": len(notes), "medical_seconds": round(seconds, 1),
+    }
+    print(f"medical: {len(notes)} sentences, {gold_phi} PHI spans (recall {result['phi_recall']:.3f}), "
+          f"{true_pos + false_neg} conditions (F1 {result['entity_f1']:.3f}, negation {result['negation_accuracy']:.3f}, "
+          f"uncertainty {result['uncertainty_accuracy']:.3f}, history {result['history_accuracy']:.3f})", flush=True)
+    return result
+
+
+def train_finance(runs_dir: Path, name: str, overrides: list[str]) -> float:
+    """Train examples/domains/finance.yaml in its own process; its test accuracy."""
+    command = [sys.executable, "-m", "plait.launch.cli", "train", str(ROOT / "examples/domains/finance.yaml"),
+               f"run.runs_dir={runs_dir}", f"run.name={name}", *overrides]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    metrics = json.loads((runs_dir / name / "metrics.json").read_text())
+    accuracy = metrics["test"]["fused"]["accuracy"]
+    print(f"finance {name}: test accuracy {accuracy:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    return accuracy
+
+
+def measure_finance(runs_dir: Path) -> dict:
+    """The same text model on the same sentences: numbers as [NUM] + value (finance, xval), digit by digit
+    (finance, digits), and as written (finance only annotating, so the text is unchanged)."""
+    with_xval = train_finance(runs_dir, "with-xval", [])
+    with_digits = train_finance(runs_dir, "with-digits", ["plugins.finance.numbers=digits",
+                                                          "plugins.text_encoder.numeric_channel=false"])
+    without = train_finance(runs_dir, "without", ["plugins.finance.numbers=annotate",
+                                                  "plugins.text_encoder.numeric_channel=false"])
+    return {"finance_acc_with": round(with_xval, 4), "finance_acc_without": round(without, 4),
+            "finance_acc_digits": round(with_digits, 4)}
+
+
+def read_questions(path: Path) -> list[tuple[str, str]]:
+    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")]
+    return [(q.strip(), s.strip()) for q, s in rows]
+
+
+def measure_legal(cache_dir: Path, show_misses: bool) -> dict:
+    from plait.plugins.legal_rag import LegalRagOptions, open_index
+
+    questions = read_questions(DATA / "legal_questions.tsv")
+    index = open_index(LegalRagOptions(cache_dir=str(cache_dir), retriever="hybrid"))
+    result = {"legal_questions": len(questions), "legal_chunks": len(index.chunks)}
+    for retriever in ("hybrid", "bm25", "dense"):
+        found, reciprocal = 0, 0.0
+        for question, section in questions:
+            ranked = [p["section"] for p in index.search(question, 10, retriever)]
+            rank = ranked.index(section) + 1 if section in ranked else None
+            found += rank is not None and rank <= 5
+            reciprocal += 1 / rank if rank else 0.0
+            if show_misses and retriever == "hybrid" and (rank is None or rank > 1):
+                print(f"legal: rank {rank} for {question!r} ({section}); top {ranked[:3]}", file=sys.stderr)
+        suffix = "" if retriever == "hybrid" else f"_{retriever}"
+        result[f"legal_recall_at_5{suffix}"] = round(found / len(questions), 4)
+        result[f"legal_mrr{suffix}"] = round(reciprocal / len(questions), 4)
+        print(f"legal {retriever}: recall@5 {found / len(questions):.3f}, MRR {reciprocal / len(questions):.3f} "
+              f"over {len(questions)} questions", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="medical,finance,legal")
+    parser.add_argument("--runs-dir", default=None, help="where the finance runs go (default: a temporary folder)")
+    parser.add_argument("--show-misses", action="store_true", help="print every miss to stderr")
+    args = parser.parse_args()
+    wanted = set(args.only.split(","))
+    result: dict = {}
+    with tempfile.TemporaryDirectory(prefix="plait-domains-") as scratch:
+        if "medical" in wanted:
+            result.update(measure_medical(args.show_misses))
+        if "legal" in wanted:
+            result.update(measure_legal(Path(scratch) / "legal-cache", args.show_misses))
+        if "finance" in wanted:
+            result.update(measure_finance(Path(args.runs_dir) if args.runs_dir else Path(scratch) / "runs"))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
