@@ -27,6 +27,7 @@ one locale at a time, without scale words, basis points, accounting negatives, r
 """
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from dataclasses import dataclass
@@ -152,12 +153,13 @@ def find_dates(text: str) -> list[Number]:
 def find_numbers(text: str, locale: str = "auto") -> list[Number]:
     """Every number in ``text`` with its value in base units, in order."""
     locale = guess_locale(text) if locale == "auto" else locale
-    dates = find_dates(text)
-    taken = [(d.start, d.end) for d in dates]
+    dates = sorted(find_dates(text), key=lambda d: d.start)
+    date_starts = [d.start for d in dates]
     numbers: list[Number] = []
     for match in NUMBER.finditer(text):
         start, end = match.span()
-        if not match["digits"] or any(s < end and start < e for s, e in taken):
+        before = bisect.bisect_left(date_starts, end) - 1  # the last date starting before this number ends
+        if not match["digits"] or (before >= 0 and dates[before].end > start):
             continue
         scale = SCALES.get((match["scale"] or "").lower().rstrip("."), 1.0)
         value = parse_digits(match["digits"], locale) * scale

@@ -91,6 +91,8 @@ def roman_or_int(text: str) -> int:
 def parse_citations(text: str) -> list[dict]:
     """Citations in ``text``: cases and statutes (eyecite), articles and amendments of the Constitution."""
     found: list[dict] = []
+    if not text.strip():
+        return found  # eyecite refuses empty text
     for pattern in CONSTITUTION:
         for match in pattern.finditer(text):
             if any(c["start"] < match.end() and match.start() < c["end"] for c in found):
@@ -312,6 +314,8 @@ class LegalIndex:
         self.folder, self.chunks, self.bm25, self.vectors = folder, chunks, bm25, vectors
 
     def search(self, query: str, k: int, retriever: str = "hybrid", dense_weight: float = DENSE_WEIGHT) -> list[dict]:
+        if retriever != "bm25" and self.vectors is None:
+            raise ValueError(f"this index has no embeddings (built for retriever bm25); {retriever} needs them")
         scores = np.zeros(len(self.chunks), dtype=np.float64)
         if retriever in ("bm25", "hybrid"):
             known = [token for token in _tokenize([query], as_ids=False)[0] if token in self.bm25.vocab_dict]
@@ -322,7 +326,7 @@ class LegalIndex:
             scores += (dense_weight if retriever == "hybrid" else 1) * _minmax(dense)
         cited = set().union(*(citation_keys(c) for c in parse_citations(query))) if query else set()
         if cited:
-            scores += np.array([1.0 if cited & set(c.keys) else 0.0 for c in self.chunks])
+            scores += np.array([2.0 if cited & set(c.keys) else 0.0 for c in self.chunks])  # above any text score
         order, seen = [], set()
         for i in np.argsort(-scores, kind="stable"):  # the best chunk of each section: k different sections
             where = (self.chunks[i].source, self.chunks[i].section)
@@ -466,6 +470,6 @@ def plait_sample_transforms(config, split):
     open_index(options)  # build or check the cache here, once, before any worker reads it
     budget = options.budget_words
     if budget is None:
-        max_length = (config.plugins.get("text_encoder") or {}).get("max_length")
+        max_length = config.to_dict()["plugins"].get("text_encoder", {}).get("max_length")  # defaults included
         budget = int(max_length * 0.75) if max_length else 192
     return [LegalRetrieve(options, budget)]

@@ -64,7 +64,7 @@ DATE_PATTERNS = [
     rf"\b(?:the\s+)?{ORDINAL}\s+(?:of\s+)?{MONTH}(?:,?\s+\d{{4}})?\b",  # 14 March 2021 / the 3rd of March 2020
     rf"\b{MONTH}\s+\d{{4}}\b",                                    # March 2020
     r"\b\d{4}-\d{1,2}-\d{1,2}\b",                                  # 2021-03-14
-    r"\b\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}\b",                        # 03/14/2021, 14.03.2021, 09-17-2023
+    r"(?<![\d.])\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}(?!\d|\.\d)",            # 03/14/2021, 14.03.2021, 09-17-2023
     r"(?<![\d/])\d{1,2}/\d{1,2}(?![\d/])",                         # 3/14
 ]
 AGE_PATTERNS = [
@@ -84,7 +84,7 @@ ADDRESS_PATTERNS = [
 ZIP_PATTERNS = [r"(?<=\b[A-Z]{2}\s)\d{5}(?:-\d{4})?\b", r"(?i:zip(?:\s*code)?|postal\s+code)\s*:?\s*(?P<zip>\d{5}(?:-\d{4})?)\b"]
 EMAIL = r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
 URL = r"\b(?:https?://|www\.)[^\s<>\"']+"
-IPV4 = r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])"
+IPV4 = r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\d|\.\d)"
 IPV6 = r"(?<![:\w])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![:\w])"
 LOCAL_PHONE = r"(?<![\d-])\d{3}[-.]\d{4}(?![\d-])"
 ID_KEYWORD = (r"(?i:\b(?:mrn|medical\s+record(?:\s+(?:number|no\.?|#))?|record\s+(?:number|no\.?|#)|patient\s+id|"
@@ -262,6 +262,7 @@ class Surrogates:
     def __init__(self, text: str) -> None:
         self.seed = hashlib.sha256(text.encode("utf-8", "replace")).digest()
         self.date_shift = timedelta(days=int.from_bytes(self.seed[:2], "big") % 730 - 365)
+        self.names: dict[str, str] = {}  # per word, so "Smith" later in the text is what "John Smith" became
 
     def _hash(self, value: str) -> int:
         return int.from_bytes(hashlib.sha256(self.seed + value.encode("utf-8", "replace")).digest()[:8], "big")
@@ -270,9 +271,16 @@ class Surrogates:
         h = self._hash(original.lower())
         if phi_type == "NAME":
             words = original.split()
-            if len(words) == 1:
-                return self.LAST[h % len(self.LAST)]
-            return f"{self.FIRST[h % len(self.FIRST)]} {self.LAST[(h // 7) % len(self.LAST)]}"
+            out = []
+            for i, word in enumerate(words):
+                if word not in self.names:
+                    if word.endswith(".") and len(word) == 2:  # an initial
+                        self.names[word] = f"{'ABCDEFGHJKLMNPRSTW'[self._hash(word) % 18]}."
+                    else:
+                        pool = self.FIRST if i == 0 and len(words) > 1 else self.LAST
+                        self.names[word] = pool[self._hash(word.lower()) % len(pool)]
+                out.append(self.names[word])
+            return " ".join(out)
         if phi_type == "DATE":
             return self._shift_date(original) or "[DATE]"
         if phi_type == "AGE":
@@ -538,7 +546,36 @@ def clinical_pipeline(extra_synonyms: str | None = None):
 
 
 def find_conditions(text: str, extra_synonyms: str | None = None) -> list[dict]:
-    """ICD-10-CM condition mentions of ``text`` with their context flags (longest match wins)."""
+    """ICD-10-CM condition mentions of ``text`` with their context flags (longest match wins). Long texts go
+    through in pieces cut at sentence ends: NegEx's cost grows with sentences times triggers."""
+    found = []
+    for offset, piece in sentence_windows(text, WINDOW_CHARS):
+        for entity in _conditions(piece, extra_synonyms):
+            entity["start"] += offset
+            entity["end"] += offset
+            found.append(entity)
+    return found
+
+
+WINDOW_CHARS = 4000
+
+
+def sentence_windows(text: str, size: int) -> list[tuple[int, str]]:
+    """(offset, piece) pairs covering ``text``, each at most ``size`` characters where a sentence end allows."""
+    if len(text) <= size:
+        return [(0, text)]
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = max(text.rfind(mark, start, end) for mark in (". ", "\n", "; ", "? ", "! "))
+            end = cut + 1 if cut > start else end
+        pieces.append((start, text[start:end]))
+        start = end
+    return pieces
+
+
+def _conditions(text: str, extra_synonyms: str | None) -> list[dict]:
     from spacy.tokens import Span as SpacySpan
     from spacy.util import filter_spans
 

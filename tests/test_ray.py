@@ -139,3 +139,12 @@ def test_an_unreachable_address_fails_fast(write_config):
     with pytest.raises(ConfigError, match="cannot reach Ray at 127.0.0.1:9"):
         ray_runner.check_reachable("127.0.0.1:9")
     assert time.perf_counter() - started < 30
+
+
+def test_domain_transforms_run_in_ray_workers_sharing_one_index(write_config, tmp_path):
+    cache = tmp_path / "legal-cache"
+    plugins = {"medical": {}, "legal_rag": {"k": 1, "retriever": "bm25", "cache_dir": str(cache)}}
+    path, _ = configure(write_config, plugins, name="domains-ray")
+    config, results = run_ray(path, ["scaling.num_workers=2"])
+    assert results["world_size"] == 2 and results["test"]["fused"]["samples"] == 64
+    assert [p.name for p in cache.iterdir()] == [next(cache.iterdir()).name]  # one index, no half-built folder
