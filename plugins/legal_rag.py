@@ -310,8 +310,8 @@ def embed(texts: list[str], batch_size: int = 32) -> np.ndarray:
 class LegalIndex:
     """The chunks of one corpus with their BM25 index and, for dense or hybrid ranking, their embeddings."""
 
-    def __init__(self, folder: Path, chunks: list[Chunk], bm25, vectors: np.ndarray | None) -> None:
-        self.folder, self.chunks, self.bm25, self.vectors = folder, chunks, bm25, vectors
+    def __init__(self, chunks: list[Chunk], bm25, vectors: np.ndarray | None) -> None:
+        self.chunks, self.bm25, self.vectors = chunks, bm25, vectors
 
     def search(self, query: str, k: int, retriever: str = "hybrid", dense_weight: float = DENSE_WEIGHT) -> list[dict]:
         if retriever != "bm25" and self.vectors is None:
@@ -398,7 +398,7 @@ def build_index(folder: Path, target: Path, chunk_words: int, dense: bool) -> No
         raise
 
 
-def load_index(folder: Path, target: Path, dense: bool) -> LegalIndex:
+def load_index(target: Path, dense: bool) -> LegalIndex:
     import bm25s
 
     done = json.loads((target / "complete.json").read_text(encoding="utf-8"))
@@ -409,7 +409,7 @@ def load_index(folder: Path, target: Path, dense: bool) -> LegalIndex:
         raise ValueError(f"{len(chunks)} chunks against {done['chunks']} recorded")
     if bm25.get_scores(["constitut"]).shape[0] != len(chunks):
         raise ValueError("the BM25 index does not cover every chunk")
-    return LegalIndex(folder, chunks, bm25, vectors)
+    return LegalIndex(chunks, bm25, vectors)
 
 
 def open_index(options: LegalRagOptions) -> LegalIndex:
@@ -418,12 +418,12 @@ def open_index(options: LegalRagOptions) -> LegalIndex:
     dense = options.retriever != "bm25"
     if target.exists():
         try:
-            return load_index(folder, target, dense)
+            return load_index(target, dense)
         except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
             log.warning("index cache %s is unreadable (%s: %s); rebuilding it", target, type(exc).__name__, exc)
             shutil.rmtree(target, ignore_errors=True)
     build_index(folder, target, options.chunk_words, dense)
-    return load_index(folder, target, dense)
+    return load_index(target, dense)
 
 
 @functools.lru_cache(maxsize=4)

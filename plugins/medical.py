@@ -40,8 +40,6 @@ from plait.core.config import Options
 from plait.core.errors import DataError
 from plait.core.hookspecs import hookimpl
 
-PHI_TYPES = ("NAME", "DATE", "AGE", "PHONE", "FAX", "EMAIL", "MRN", "ACCOUNT", "ADDRESS", "ZIP", "URL", "IP")
-
 
 class MedicalOptions(Options):
     deidentify: bool = Field(True, description="replace PHI before anything else reads the text")
@@ -93,6 +91,7 @@ ID_KEYWORD = (r"(?i:\b(?:mrn|medical\s+record(?:\s+(?:number|no\.?|#))?|record\s
 ID_TOKEN = r"(?<![\w-])(?=[A-Za-z0-9-]*\d[A-Za-z0-9-]*\d[A-Za-z0-9-]*\d[A-Za-z0-9-]*\d[A-Za-z0-9-]*\d)[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*(?![\w-])"
 ACCOUNT_CONTEXT = re.compile(r"(?i)\b(?:acct|account|billing|guarantor|member|insurance|invoice)\b")
 FAX_CONTEXT = re.compile(r"(?i)\bfax\b")
+ID_BEFORE = re.compile(r"(?i)\b(?:mrn|record|acct|account|id|accession)\b(?:\s*(?:#|no\.?|number|:))*\s*$")
 TITLES = (r"(?:Mr|Mrs|Ms|Mx|Miss|Dr|Prof|Doctor|Nurse|NP|RN|PA|Pt|Patient|Sister|Brother|Attending|Resident|"
           r"Fellow)\.?")
 NAME_TOKEN = r"(?:[A-Z][a-z]+(?:[-'’][A-Z]?[a-z]+)*|[A-Z]\.|[A-Z][a-z]?[’'][A-Z][a-z]+)"
@@ -162,7 +161,7 @@ def _phones(text: str) -> list[Span]:
         out.append(Span(match.start, match.end, "PHONE"))
     out += _spans(LOCAL_PHONE, text, "PHONE")
     return [Span(s.start, s.end, "FAX" if FAX_CONTEXT.search(text[max(0, s.start - 24):s.start]) else "PHONE")
-            for s in out]
+            for s in out if not ID_BEFORE.search(text[max(0, s.start - 24):s.start])]  # "MRN 4471200" is no phone
 
 
 def _names(text: str) -> list[Span]:

@@ -293,6 +293,12 @@ def test_a_manifest_run_with_the_medical_plugin_keeps_phi_out_of_the_run_folder(
     written = b"".join(f.read_bytes() for f in run_folder.rglob("*") if f.is_file())
     for name in (b"Byron", b"Haddad", b"Kowalski", b"Menon", b"4471200"):
         assert name not in written
+    from plait.core.loop import build_dataset
+    from plait.launch.cli import load
+
+    loaded, plugins = load(str(config), [])
+    sample = build_dataset(plugins, loaded, "train")[0]  # what the model was given
+    assert sample["text"].startswith("Mr. [NAME] (MRN [MRN]) has chest pain.") and sample["text"].endswith("R07.9")
 
 
 @pytest.mark.slow
