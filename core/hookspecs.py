@@ -73,7 +73,9 @@ def plait_sample_transforms(config: PlaitConfig, split: str) -> list[Callable[[d
 
     Each transform takes a sample dict and returns one. They run in DataLoader workers
     and Ray workers, so they must be picklable (module-level classes, not lambdas).
-    Augmentation and domain preprocessing live here.
+    Augmentation and domain preprocessing live here. ``plait preprocess NAME`` applies a
+    plugin's transforms (split ``test``) to JSONL lines; a transform with a ``preview_field``
+    attribute names the field ``--query TEXT --json`` prints (legal_rag: ``passages``).
     """
 
 
