@@ -43,7 +43,7 @@ from plait.core.errors import DataError
 from plait.core.hookspecs import hookimpl
 
 log = logging.getLogger("plait.legal_rag")
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: chunks keep their parsed citations
 TEXT_SUFFIXES = (".md", ".txt")
 DENSE_WEIGHT = 0.7  # hybrid ranking's dense share; see benchmarks/domains.py for 0.5 and the others
 
@@ -93,10 +93,12 @@ def parse_citations(text: str) -> list[dict]:
     found: list[dict] = []
     if not text.strip():
         return found  # eyecite refuses empty text
+    taken = bytearray(len(text))  # characters an earlier (more specific) pattern already read
     for pattern in CONSTITUTION:
         for match in pattern.finditer(text):
-            if any(c["start"] < match.end() and match.start() < c["end"] for c in found):
+            if any(taken[match.start():match.end()]):
                 continue
+            taken[match.start():match.end()] = b"\x01" * (match.end() - match.start())
             groups = match.groupdict()
             citation = {"kind": "constitution", "text": match.group(), "start": match.start(), "end": match.end()}
             if groups.get("article"):
@@ -172,6 +174,7 @@ class Chunk:
     section: str
     text: str
     keys: list[str] = field(default_factory=list)
+    citations: list[dict] = field(default_factory=list)  # parsed once, when the index is built
 
 
 def split_sentences(paragraph: str) -> list[str]:
@@ -313,7 +316,9 @@ class LegalIndex:
     def __init__(self, chunks: list[Chunk], bm25, vectors: np.ndarray | None) -> None:
         self.chunks, self.bm25, self.vectors = chunks, bm25, vectors
 
-    def search(self, query: str, k: int, retriever: str = "hybrid", dense_weight: float = DENSE_WEIGHT) -> list[dict]:
+    def search(self, query: str, k: int, retriever: str = "hybrid", dense_weight: float = DENSE_WEIGHT,
+               citations: list[dict] | None = None) -> list[dict]:
+        """The best chunk of each of the ``k`` best sections; ``citations``: the query's, if parsed already."""
         if retriever != "bm25" and self.vectors is None:
             raise ValueError(f"this index has no embeddings (built for retriever bm25); {retriever} needs them")
         scores = np.zeros(len(self.chunks), dtype=np.float64)
@@ -324,7 +329,8 @@ class LegalIndex:
         if retriever in ("dense", "hybrid"):
             dense = self.vectors @ embed([query])[0]
             scores += (dense_weight if retriever == "hybrid" else 1) * _minmax(dense)
-        cited = set().union(*(citation_keys(c) for c in parse_citations(query))) if query else set()
+        citations = parse_citations(query) if citations is None else citations
+        cited = set().union(*(citation_keys(c) for c in citations))
         if cited:
             scores += np.array([2.0 if cited & set(c.keys) else 0.0 for c in self.chunks])  # above any text score
         order, seen = [], set()
@@ -335,9 +341,9 @@ class LegalIndex:
                 order.append(i)
                 if len(order) == k:
                     break
-        return [{"source": self.chunks[i].source, "section": self.chunks[i].section, "score": round(float(scores[i]), 4),
-                 "text": self.chunks[i].text, "citations": _public(parse_citations(self.chunks[i].text))}
-                for i in order]
+        return [{"source": self.chunks[i].source, "section": self.chunks[i].section,
+                 "score": round(float(scores[i]), 4), "text": self.chunks[i].text,
+                 "citations": self.chunks[i].citations} for i in order]
 
 
 def _public(citations: list[dict]) -> list[dict]:
@@ -379,6 +385,8 @@ def build_index(folder: Path, target: Path, chunk_words: int, dense: bool) -> No
         chunks += chunk_document(str(path.relative_to(folder)), text, chunk_words)
     if not chunks:
         raise DataError(f"plugins.legal_rag.corpus: the files under '{folder}' hold no text")
+    for chunk in chunks:
+        chunk.citations = _public(parse_citations(chunk.text))
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -407,7 +415,7 @@ def load_index(target: Path, dense: bool) -> LegalIndex:
     vectors = np.load(target / "vectors.npy", mmap_mode="r") if dense else None
     if done["chunks"] != len(chunks) or (vectors is not None and vectors.shape[0] != len(chunks)):
         raise ValueError(f"{len(chunks)} chunks against {done['chunks']} recorded")
-    if bm25.get_scores(["constitut"]).shape[0] != len(chunks):
+    if bm25.scores["num_docs"] != len(chunks):
         raise ValueError("the BM25 index does not cover every chunk")
     return LegalIndex(chunks, bm25, vectors)
 
@@ -446,8 +454,10 @@ class LegalRetrieve:
         sample = dict(sample)
         text = sample.get("text") or ""
         index = _shared_index(self.options.model_dump_json())
-        passages = index.search(text, self.options.k, self.options.retriever, self.options.dense_weight) if text.strip() else []
-        sample["citations"] = _public(parse_citations(text))
+        citations = parse_citations(text)
+        passages = (index.search(text, self.options.k, self.options.retriever, self.options.dense_weight, citations)
+                    if text.strip() else [])
+        sample["citations"] = _public(citations)
         sample["passages"] = passages
         words = text.split()[: self.budget_words]
         for passage in passages:
@@ -467,7 +477,7 @@ def plait_config_schema():
 @hookimpl
 def plait_sample_transforms(config, split):
     options = config.options(LegalRagOptions)
-    open_index(options)  # build or check the cache here, once, before any worker reads it
+    _shared_index(options.model_dump_json())  # build or check the cache here, before any worker reads it
     budget = options.budget_words
     if budget is None:
         max_length = config.to_dict()["plugins"].get("text_encoder", {}).get("max_length")  # defaults included
