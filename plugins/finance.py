@@ -10,8 +10,9 @@ units: "$3.2bn" is 3.2e9 USD, "25bp" is 25 bp, "(3,400)" is -3400, a date is day
 - ``xval``: each number becomes one ``[NUM]`` token and its value goes into ``text_numbers``. A text encoder with
   ``numeric_channel: true`` scales that token's embedding by the value (xVal, Golkar et al. 2023).
   ``xval_scale: relative`` (the default) gives each number as its log-change in percent from the first number in
-  the text within 25% of it (so "S&P 500" does not become the reference for 2,038.20). Prices then read as moves ("+0.4" and "-0.3"), not as
-  4,512.30 and 4,530.10, which a model cannot tell apart at one part in a thousand. ``log`` gives
+  the text within 25% of it (so "S&P 500" does not become the reference for 2,038.20). Prices then read as moves
+  ("+0.4" and "-0.3"), not as 4,512.30 and 4,530.10, which a model cannot tell apart at one part in a thousand.
+  ``log`` gives
   sign * log10(1 + |v|). Both are clipped to +-``xval_clip``.
 
 Locales: "1,234.56" (en), "1.234,56" (de), "1 234,56" (fr), "1'234.56" (ch). A single separator followed by exactly
@@ -31,15 +32,16 @@ import bisect
 import math
 import re
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
 from typing import Literal
 
 from pydantic import Field
 
 from plait.core.config import Options
 from plait.core.hookspecs import hookimpl
+from plait.modalities.text import NUM_TOKEN
 
-NUM_TOKEN = "[NUM]"
+EPOCH = date(1970, 1, 1)  # a date's value is its days since then
 RELATIVE_RANGE = math.log(1.25)  # xval_scale relative: numbers within 25% of each other share a reference
 
 
@@ -143,7 +145,7 @@ def find_dates(text: str) -> list[Number]:
                     month, day = (b, a) if a > 12 else (a, b)
                 else:
                     month, day = int(groups["m"]), int(groups["d"])
-                days = (date(year, month, day) - date(1970, 1, 1)).days
+                days = (date(year, month, day) - EPOCH).days
             except (ValueError, KeyError):
                 continue
             found.append(Number(match.start(), match.end(), float(days), "date"))
@@ -243,7 +245,7 @@ class FinancePreprocess:
             if mode == "xval":
                 shown = NUM_TOKEN
             elif number.unit == "date":
-                shown = " ".join(date.fromordinal(date(1970, 1, 1).toordinal() + int(number.value)).isoformat())
+                shown = " ".join((EPOCH + timedelta(days=int(number.value))).isoformat())
             else:
                 shown = " ".join(canonical(number.value))
             if number.unit and number.unit != "date":

@@ -51,24 +51,18 @@ class MarketTextOptions(Options):
     seed: int = 0
 
 
+PRICE_FORMATS = (  # English-language sentences: every price exact to the cent, so the label is in the text
+    lambda v: f"{v:,.2f}", lambda v: f"{v:.2f}", lambda v: f"${v:,.2f}", lambda v: f"USD {v:.2f}",
+    lambda v: f"{v:,.2f} points", lambda v: f"{v / 1000:.5f} thousand",
+    lambda v: f"{v:,.2f}".replace(",", " ").replace(".", ","),  # French style
+)
+
+
 def _price(value: float, rng: random.Random, german: bool) -> str:
     if german:
         plain = f"{value:,.2f}".replace(",", "_").replace(".", ",").replace("_", ".")
         return rng.choice([plain, plain.replace(".", " ")])
-    kind = rng.randrange(7)
-    if kind == 0:
-        return f"{value:,.2f}"
-    if kind == 1:
-        return f"{value:.2f}"
-    if kind == 2:
-        return f"${value:,.2f}"
-    if kind == 3:
-        return f"USD {value:.2f}"
-    if kind == 4:
-        return f"{value:,.2f} points"
-    if kind == 5:
-        return f"{value / 1000:.5f} thousand"
-    return f"{value:,.2f}".replace(",", " ").replace(".", ",")  # French style
+    return rng.choice(PRICE_FORMATS)(value)
 
 
 def _volume(value: float, rng: random.Random, german: bool) -> str:
@@ -80,7 +74,8 @@ def _volume(value: float, rng: random.Random, german: bool) -> str:
 def _date(day: date, rng: random.Random, german: bool) -> str:
     if german:
         return rng.choice([day.strftime("%d.%m.%Y"), day.isoformat()])
-    return rng.choice([day.isoformat(), day.strftime("%m/%d/%Y"), f"{day.day} {day:%B %Y}", f"{day:%b} {day.day}, {day:%Y}"])
+    return rng.choice([day.isoformat(), day.strftime("%m/%d/%Y"), f"{day.day} {day:%B %Y}",
+                       f"{day:%b} {day.day}, {day:%Y}"])
 
 
 def render(series: str, day: date, row: dict, rng: random.Random) -> str:

@@ -79,7 +79,8 @@ ADDRESS_PATTERNS = [
     r"(?:,?\s+(?:Apt|Apartment|Unit|Suite|Ste|Room|Rm|#)\.?\s*#?[A-Za-z0-9-]+)?",
     r"\bP\.?\s?O\.?\s+Box\s+\d+\b",
 ]
-ZIP_PATTERNS = [r"(?<=\b[A-Z]{2}\s)\d{5}(?:-\d{4})?\b", r"(?i:zip(?:\s*code)?|postal\s+code)\s*:?\s*(?P<zip>\d{5}(?:-\d{4})?)\b"]
+ZIP_PATTERNS = [r"(?<=\b[A-Z]{2}\s)\d{5}(?:-\d{4})?\b",  # after a state: "IL 62704"
+                r"(?i:zip(?:\s*code)?|postal\s+code)\s*:?\s*(?P<zip>\d{5}(?:-\d{4})?)\b"]
 EMAIL = r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
 URL = r"\b(?:https?://|www\.)[^\s<>\"']+"
 IPV4 = r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\d|\.\d)"
@@ -88,7 +89,8 @@ LOCAL_PHONE = r"(?<![\d-])\d{3}[-.]\d{4}(?![\d-])"
 ID_KEYWORD = (r"(?i:\b(?:mrn|medical\s+record(?:\s+(?:number|no\.?|#))?|record\s+(?:number|no\.?|#)|patient\s+id|"
               r"id|accession|acct|account(?:\s+(?:number|no\.?|#))?|member\s+id)\b)\s*(?:#|no\.?|number)?\s*:?\s*"
               r"(?P<id>[A-Za-z0-9][A-Za-z0-9-]{3,})")
-ID_TOKEN = r"(?<![\w-])(?=[A-Za-z0-9-]*\d[A-Za-z0-9-]*\d[A-Za-z0-9-]*\d[A-Za-z0-9-]*\d[A-Za-z0-9-]*\d)[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*(?![\w-])"
+ID_TOKEN = (r"(?<![\w-])(?=(?:[A-Za-z-]*\d){5})"  # an ID-shaped token with at least five digits
+            r"[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*(?![\w-])")
 ACCOUNT_CONTEXT = re.compile(r"(?i)\b(?:acct|account|billing|guarantor|member|insurance|invoice)\b")
 FAX_CONTEXT = re.compile(r"(?i)\bfax\b")
 ID_BEFORE = re.compile(r"(?i)\b(?:mrn|record|acct|account|id|accession)\b(?:\s*(?:#|no\.?|number|:))*\s*$")
@@ -152,6 +154,11 @@ def _spans(pattern: str, text: str, phi_type: str, group: str | None = None, fla
     return out
 
 
+def _before(text: str, start: int, width: int) -> str:
+    """The ``width`` characters before ``start``: where "fax", "MRN" or "account" says what a number is."""
+    return text[max(0, start - width):start]
+
+
 def _phones(text: str) -> list[Span]:
     import phonenumbers
 
@@ -160,8 +167,8 @@ def _phones(text: str) -> list[Span]:
     for match in matcher:
         out.append(Span(match.start, match.end, "PHONE"))
     out += _spans(LOCAL_PHONE, text, "PHONE")
-    return [Span(s.start, s.end, "FAX" if FAX_CONTEXT.search(text[max(0, s.start - 24):s.start]) else "PHONE")
-            for s in out if not ID_BEFORE.search(text[max(0, s.start - 24):s.start])]  # "MRN 4471200" is no phone
+    return [Span(s.start, s.end, "FAX" if FAX_CONTEXT.search(_before(text, s.start, 24)) else "PHONE")
+            for s in out if not ID_BEFORE.search(_before(text, s.start, 24))]  # "MRN 4471200" is no phone
 
 
 def _names(text: str) -> list[Span]:
@@ -169,16 +176,13 @@ def _names(text: str) -> list[Span]:
     out = []
     for pattern in (NAME_AFTER_TITLE, NAME_AFTER_LABEL):
         for match in re.finditer(pattern, text):
-            tokens = NAME_TOKEN_RE.findall(match.group("name"))
             keep = []
-            for token in tokens:  # stop at the first word that is not part of a name
-                if token.lower().rstrip(".") in NOT_NAMES:
+            for token in NAME_TOKEN_RE.finditer(match.group("name")):  # up to the first word that is not a name
+                if token.group().lower().rstrip(".") in NOT_NAMES:
                     break
                 keep.append(token)
-            if keep and not (len(keep) == 1 and keep[0].endswith(".")):
-                start = match.start("name")
-                end = text.index(keep[-1], start + len(" ".join(keep[:-1]))) + len(keep[-1])
-                out.append(Span(start, end, "NAME"))
+            if keep and not (len(keep) == 1 and keep[0].group().endswith(".")):
+                out.append(Span(match.start("name"), match.start("name") + keep[-1].end(), "NAME"))
     for match in re.finditer(NAME_PAIR, text):  # "Grace Thompson": a census first name and a capitalised word
         tokens = match.group("name").split()
         first = tokens[0].lower()
@@ -211,19 +215,19 @@ def _ips(text: str) -> list[Span]:
 
 def _ids(text: str) -> list[Span]:
     spans = _spans(ID_KEYWORD, text, "MRN", group="id") + _spans(ID_TOKEN, text, "MRN")
-    return [Span(s.start, s.end, "ACCOUNT" if ACCOUNT_CONTEXT.search(text[max(0, s.start - 32):s.start]) else "MRN")
+    return [Span(s.start, s.end, "ACCOUNT" if ACCOUNT_CONTEXT.search(_before(text, s.start, 32)) else "MRN")
             for s in spans if any(c.isdigit() for c in text[s.start:s.end])]
 
 
 def find_phi(text: str) -> list[Span]:
-    """Every PHI span of ``text``, overlaps merged (the earlier, longer one's type wins), in order."""
+    """Every PHI span of ``text``, in order, overlaps merged (see ``merge_spans``)."""
     found: list[Span] = []
     found += _spans(EMAIL, text, "EMAIL")
-    found += [Span(s.start, s.end - len(text[s.start:s.end]) + len(text[s.start:s.end].rstrip(".,;:)]")), "URL")
+    found += [Span(s.start, s.start + len(text[s.start:s.end].rstrip(".,;:)]")), "URL")  # not the full stop after it
               for s in _spans(URL, text, "URL")]
     found += _ips(text)
-    for pattern in DATE_PATTERNS:
-        found += _spans(pattern, text, "DATE", flags=re.IGNORECASE if pattern.startswith(r"\b\d") else 0)
+    for pattern in DATE_PATTERNS:  # month names are case-sensitive: "may have" is no date
+        found += _spans(pattern, text, "DATE")
     for pattern in AGE_PATTERNS:
         found += _spans(pattern, text, "AGE", group="age", flags=re.IGNORECASE)
     for pattern in ADDRESS_PATTERNS:
@@ -476,12 +480,11 @@ def read_synonyms(path: Path) -> dict[str, str]:
 
 NEGATION = {  # negspacy's en_clinical set, with "rule out" moved to uncertainty (ConText's reading)
     "remove_preceding": ["rule out", "r/o", "rule the patient out", "rule him out", "rule her out", "rules out"],
-    "add_preceding": ["never had", "never", "negative", "free of", "no signs of", "no sign of", "no history of",
-                      "without any", "excluded"],
+    "add_preceding": ["negative", "no history of", "without any", "excluded"],
     "add_pseudo": ["cannot rule out", "can not rule out", "cannot exclude", "can not exclude", "cannot be excluded",
                    "cannot be ruled out", "not excluded"],
     "add_following": ["was excluded", "were excluded", "was negative", "were negative", "is negative", "absent",
-                      "is unlikely", "was ruled out", "were ruled out", "has been ruled out", "ruled out"],
+                      "is unlikely", "has been ruled out", "ruled out"],
 }
 UNCERTAINTY = {
     "pseudo_negations": ["no evidence", "not likely", "without concern"],
@@ -523,7 +526,6 @@ def clinical_pipeline(extra_synonyms: str | None = None):
     from spacy.matcher import PhraseMatcher
 
     nlp = spacy.blank("en")
-    nlp.max_length = 50_000_000
     nlp.add_pipe("sentencizer")
     terms = lexicon(extra_synonyms)
     matcher = PhraseMatcher(nlp.vocab, attr="LOWER")

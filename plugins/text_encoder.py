@@ -13,9 +13,7 @@ from transformers import AutoModel, BertConfig, BertModel
 from plait.core.config import Options
 from plait.core.errors import ConfigError
 from plait.core.hookspecs import hookimpl
-from plait.modalities.text import ByteTokenizer, WordPieceTokenizer, masked_mean, minilm_folder
-
-NUM_TOKEN = "[NUM]"  # what the finance plugin writes for a number in its xval mode
+from plait.modalities.text import NUM_TOKEN, ByteTokenizer, WordPieceTokenizer, masked_mean, minilm_folder
 
 
 class TextEncoderOptions(Options):
