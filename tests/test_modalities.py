@@ -133,3 +133,26 @@ def test_image_augment_keeps_shape_and_range():
     image = torch.rand(1, 32, 32)
     out = ImageAugment()(image)
     assert out.shape == image.shape and 0 <= out.min() and out.max() <= 1 and not torch.equal(out, image)
+
+
+def test_speech_is_synthesized_in_a_child_process_and_seeded():
+    from plait.modalities.speech import Utterance, speak
+
+    breathy = [Utterance("sieben", "de+whisperf", seed=1), Utterance("sieben", "de+whisperf", seed=2),
+               Utterance("one", "en-US+Reed", seed=1), Utterance("zwei", "de+caleb", seed=3)]
+    rate, first = speak(breathy)
+    _, again = speak(breathy)
+    assert rate == 22050 and all(w.dtype == np.float32 and w.size > rate // 10 for w in first)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again)), "the same request gives the same clips"
+    _, alone = speak(breathy[2:3])
+    assert np.array_equal(alone[0], first[2]), "a variant that calls rand() is seeded by its own utterance"
+    assert not np.array_equal(first[0], first[1]), "the seed drives the whisper noise"
+    with open("/proc/self/maps") as maps:  # the native library never entered this process
+        assert "libespeak-ng" not in maps.read()
+
+
+def test_unknown_voice_is_one_error_from_the_child():
+    from plait.modalities.speech import Utterance, speak
+
+    with pytest.raises(DataError, match="exit code 2"):
+        speak([Utterance("one", "xx-nonexistent")])

@@ -70,15 +70,15 @@ def test_checkpoint_reloads_to_the_same_predictions(trained):
 
 
 def test_eval_json_on_a_folder_of_wav_and_ogg_files(trained, tmp_path, capsys):
-    from plait.plugins.spoken_digits import WORDS, Espeak
+    from plait.modalities.speech import Utterance, speak
+    from plait.plugins.spoken_digits import WORDS
 
     *_, state = trained
-    espeak = Espeak.get()
     rows = ["audio,label"]
-    for digit, word in enumerate(WORDS["en"].split()):
-        wave = espeak.say(word, "en-US+m3", 160, 50, 50)
+    rate, waves = speak([Utterance(word, "en-US+m3") for word in WORDS["en"].split()])
+    for digit, wave in enumerate(waves):
         suffix = "ogg" if digit % 2 else "wav"
-        soundfile.write(tmp_path / f"{digit}.{suffix}", wave, espeak.rate)
+        soundfile.write(tmp_path / f"{digit}.{suffix}", wave, rate)
         rows.append(f"{digit}.{suffix},{digit}")
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
     code = main(["eval", str(state.run_dir), "--data", str(tmp_path / "manifest.csv"), "--modalities", "audio",
