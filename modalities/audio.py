@@ -9,6 +9,7 @@ import functools
 import math
 from pathlib import Path
 
+import numpy as np
 import soundfile
 import torch
 import torchaudio.functional as AF
@@ -53,16 +54,30 @@ def trim_silence(wave: torch.Tensor, top_db: float = 30.0, margin_s: float = 0.0
     return wave[start:end]
 
 
-def load_audio(path: str | Path) -> torch.Tensor:
-    """Read an audio file as a mono float32 waveform at 16 kHz, silence at the ends trimmed."""
+def load_audio(path: str | Path, max_seconds: float | None = None) -> torch.Tensor:
+    """Read an audio file as a mono float32 waveform at 16 kHz, silence at the ends trimmed.
+
+    Any sample format soundfile reads (8/16/24/32-bit integer, float) comes scaled to [-1, 1];
+    channels are averaged. A file longer than ``max_seconds`` is refused before it is read
+    (one mislabelled hour-long recording would otherwise fill memory in a batch of clips), and
+    so is one whose samples are NaN or infinite."""
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(str(path)) as file:
+            rate, frames = file.samplerate, file.frames
+            if max_seconds is not None and frames > max_seconds * rate:
+                raise DataError(f"{path}: audio is {frames / rate:.1f} s long, over the {max_seconds:g} s "
+                                "allowed (plugins.manifest.audio_max_seconds)")
+            data = file.read(dtype="float32", always_2d=True)
     except FileNotFoundError:
         raise DataError(f"{path}: audio file not found") from None
     except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable audio: {exc}") from None
     if data.shape[0] == 0:
         raise DataError(f"{path}: audio file has no samples")
+    finite = np.isfinite(data)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite.all(axis=1))[0])
+        raise DataError(f"{path}: audio holds NaN or infinite samples (the first at {first / rate:.3f} s)")
     return trim_silence(resample(torch.from_numpy(data).mean(dim=1), rate))
 
 
@@ -157,6 +172,9 @@ class LogMel(nn.Module):
         return lengths // self.hop + 1
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        short = self.mel.n_fft - wave.shape[-1]
+        if short > 0:  # a batch of clips shorter than one window: the STFT's reflect padding needs one
+            wave = nn.functional.pad(wave, (0, short))
         spec = torch.log(self.mel(wave.float()) + 1e-10)  # [B, n_mels, frames]
         frames = self.frames(lengths).clamp(max=spec.shape[-1])
         mask = (torch.arange(spec.shape[-1], device=spec.device)[None, :] < frames[:, None]).unsqueeze(1)

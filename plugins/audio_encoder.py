@@ -40,6 +40,9 @@ class AudioEncoder(nn.Module):
 
     def forward(self, inputs: dict) -> torch.Tensor:
         spec, mask = self.front(inputs["audio"], inputs["lengths"])
+        short = 2 ** self.pools - spec.shape[-1]
+        if short > 0:  # fewer frames than the CNN's poolings halve away (clips under ~0.15 s)
+            spec, mask = nn.functional.pad(spec, (0, short)), nn.functional.pad(mask, (0, short))
         features = self.cnn(self.augment(spec).unsqueeze(1)).mean(dim=2)  # [B, C, T']
         for _ in range(self.pools):
             mask = nn.functional.max_pool1d(mask.float().unsqueeze(1), 2).squeeze(1)

@@ -11,6 +11,7 @@ from torch import nn
 from plait.core.config import Options
 from plait.core.errors import nearest
 from plait.core.hookspecs import hookimpl
+from plait.modalities.image import match_channels
 
 
 class ImageEncoderOptions(Options):
@@ -32,10 +33,12 @@ class ImageEncoder(nn.Module):
         self.model = timm.create_model(
             options.timm, pretrained=False, num_classes=0, in_chans=options.in_chans, **options.timm_kwargs
         )
+        self.in_chans = options.in_chans
         self.out_dim = self.model.num_features
 
     def forward(self, inputs: dict) -> torch.Tensor:
-        return self.model(inputs["image"])
+        # Grayscale or RGB files, whichever the data set loaded, become what this model takes.
+        return self.model(match_channels(inputs["image"], self.in_chans))
 
 
 @hookimpl

@@ -12,8 +12,9 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch.utils.data import Dataset
 
 from plait.core.config import Options
@@ -22,7 +23,7 @@ from plait.core.hookspecs import hookimpl
 from plait.modalities import MODALITIES
 from plait.modalities.audio import load_audio
 from plait.modalities.batch import collate
-from plait.modalities.image import load_image
+from plait.modalities.image import load_image, parse_colour
 
 FILE_COLUMNS = ("image", "audio")
 
@@ -33,10 +34,20 @@ class ManifestOptions(Options):
     test: str | None = None
     classes: list[str] | None = Field(None, description="class names in label order; default: sorted labels")
     image_size: int = Field(32, ge=4)
-    image_channels: int = Field(1, ge=1, le=4)
+    image_channels: Literal[1, 3] = Field(1, description="1: grayscale (luma), 3: RGB; the image encoder "
+                                          "converts to its own in_chans either way")
+    image_background: str = Field("white", description="colour that transparent pixels are composited over")
+    audio_max_seconds: float = Field(60.0, gt=0, description="longer audio files are refused, naming the row")
     allow_outside_root: bool = Field(False, description="accept file paths that lead out of the manifest's "
                                      "folder (absolute paths, ../); refused by default, for manifests you did "
                                      "not write")
+
+
+    @field_validator("image_background")
+    @classmethod
+    def _colour(cls, value: str) -> str:
+        parse_colour(value)
+        return value
 
 
 def read_rows(path: Path) -> list[tuple[int, dict]]:
@@ -135,9 +146,10 @@ class Manifest(Dataset):
         try:
             if entry["image"]:
                 size = self.options.image_size
-                sample["image"] = load_image(entry["image"], (size, size), self.options.image_channels)
+                sample["image"] = load_image(entry["image"], (size, size), self.options.image_channels,
+                                             parse_colour(self.options.image_background))
             if entry["audio"]:
-                sample["audio"] = load_audio(entry["audio"])
+                sample["audio"] = load_audio(entry["audio"], self.options.audio_max_seconds)
         except DataError as exc:
             raise DataError(f"{entry['where']}: {exc}") from None
         return sample
