@@ -377,6 +377,19 @@ def _restore(state: RunState, saved: dict[str, Any]) -> int:
     return batches_done
 
 
+def _forget_rows_after(path: Path, step: int) -> None:
+    """Drop the metric rows a stopped run logged after the checkpoint it resumes from: the
+    resumed run logs those steps again, and each step must have one row."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 def _rng_state() -> dict[str, Any]:
     _, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
@@ -480,6 +493,8 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
     skip = 0
     if newest is not None:
         skip = _restore(state, checkpoint.load(newest, model, device))
+        if state.is_main:
+            _forget_rows_after(run_dir / "metrics.jsonl", state.step)
     if state.is_main:
         (run_dir / "config.yaml").write_text(config.to_yaml())
         info = {"classes": state.classes, "modalities": list(state.modalities), "data": train_set.info}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -38,13 +38,22 @@ class MultimodalModel(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
         self.head = head
-        #: Run every encoder in every forward. Sharded training (FSDP) needs it: an encoder's
-        #: forward and backward are collectives every worker must join, even one whose batch has
-        #: none of that modality. Such a worker runs the encoder (in eval mode, so no batch-norm
-        #: statistics change) on a row it kept from an earlier batch; the result enters the
-        #: logits times zero, so the encoder takes part in the backward with a zero gradient.
-        self.run_every_encoder = False
+        #: What an encoder does in a forward whose batch has no sample of its modality:
+        #: - "skip": nothing (one process; its parameters get no gradient that step);
+        #: - "touch": its parameters enter the logits times zero, without running it, so that
+        #:   each gets a zero gradient. DDP then needs no search for unused parameters
+        #:   (``find_unused_parameters``), an extra autograd traversal every step.
+        #: - "run": sharded training (FSDP), where an encoder's forward and backward are
+        #:   collectives every worker must join. Such a worker runs the encoder (in eval mode,
+        #:   so no batch-norm statistics change) on a row it kept from an earlier batch; the
+        #:   result enters the logits times zero.
+        self.idle_encoders: Literal["skip", "touch", "run"] = "skip"
         self._examples: dict[str, dict[str, Any]] = {}
+
+    @property
+    def may_leave_parameters_unused(self) -> bool:
+        """See ``leaves_parameters_unused``: only skipped encoders leave parameters unused here."""
+        return self.idle_encoders == "skip"
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         present: dict[str, torch.Tensor] = batch["present"]
@@ -54,11 +63,15 @@ class MultimodalModel(nn.Module):
             mask = present[modality]
             rows = mask.nonzero().squeeze(1)
             encoded = encoder(select_rows(batch["inputs"][modality], rows)) if rows.numel() else None
-            if self.run_every_encoder:
+            if self.idle_encoders == "run":
                 if encoded is None:
                     idle.append(self._idle_pass(modality, encoder))
                 else:
                     self._examples[modality] = select_rows(batch["inputs"][modality], rows[:1])
+            elif self.idle_encoders == "touch" and encoded is None and torch.is_grad_enabled():
+                touched = touch(encoder)
+                if touched is not None:
+                    idle.append(touched)
             emb = torch.zeros(size, encoder.out_dim, device=mask.device,
                               dtype=encoded.dtype if encoded is not None else torch.float32)
             embeddings[modality] = emb.index_copy(0, rows, encoded) if encoded is not None else emb
@@ -68,7 +81,7 @@ class MultimodalModel(nn.Module):
         return outputs
 
     def _idle_pass(self, modality: str, encoder: nn.Module) -> torch.Tensor:
-        """Zero, computed through ``encoder`` (see ``run_every_encoder``)."""
+        """Zero, computed through ``encoder`` (see ``idle_encoders``)."""
         example = self._examples.get(modality)
         if example is None:
             raise PluginError(f"the first batch of this worker has no '{modality}' sample, and under sharded "
@@ -79,6 +92,31 @@ class MultimodalModel(nn.Module):
             return encoder(example).float().sum() * 0.0
         finally:
             encoder.train(was_training)
+
+
+def touch(module: nn.Module) -> torch.Tensor | None:
+    """Zero, computed from every trainable parameter of ``module``, so that each gets a zero
+    gradient; a sparse embedding's is sparse (DDP expects it so) and names one real row (an empty
+    sparse gradient is one gloo cannot reduce). None when nothing in ``module`` trains."""
+    terms = []
+    for sub in module.modules():
+        for param in sub.parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if isinstance(sub, nn.Embedding) and sub.sparse and param is sub.weight:
+                row = 1 if sub.padding_idx == 0 else 0  # the padding row gets no gradient at all
+                terms.append(sub(torch.tensor([row], device=param.device)).sum())
+            else:
+                terms.append(param.sum())
+    return torch.stack(terms).sum() * 0.0 if terms else None
+
+
+def leaves_parameters_unused(model: nn.Module) -> bool:
+    """Whether a training step of ``model`` may leave a trainable parameter without a gradient,
+    as its modules declare: a module whose forward can bypass some of its own parameters sets
+    ``may_leave_parameters_unused = True`` (a plugin knows its modules; nothing is guessed).
+    DDP searches for such parameters every step only when this is True."""
+    return any(getattr(module, "may_leave_parameters_unused", False) for module in model.modules())
 
 
 def build_model(plugins: Plugins, config: PlaitConfig, modalities: tuple[str, ...], num_classes: int) -> nn.Module:

@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
+from plait.core import checkpoint
 from plait.core.config import PlaitConfig
-from plait.core.errors import ConfigError, PlaitError
+from plait.core.errors import ConfigError, PlaitError, PluginError
 from plait.core.hookspecs import hookimpl
 from plait.core.loop import Distributed, fit
+from plait.core.model import leaves_parameters_unused
 from plait.launch.storage import RemoteRuns, StorageSync, is_uri, staging_dir
 
 # An embedding at least this large sends sparse gradients (the rows a batch used) through DDP:
@@ -60,10 +62,38 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
             fully_shard(unit)
     fully_shard(model)
     # Every worker must issue the same gathers and reduce-scatters in the same order:
-    model.run_every_encoder = True  # an encoder runs even where a batch lacks its modality
+    if hasattr(model, "idle_encoders"):
+        model.idle_encoders = "run"  # an encoder runs even where a batch lacks its modality
     model.set_reduce_scatter_unused_params(True)  # a weight unused in one worker's step sends zeros
     model.register_forward_pre_hook(broadcast_buffers)
     return model
+
+
+def find_unused_parameters(model: torch.nn.Module, setting: str) -> bool:
+    """DDP's ``find_unused_parameters``: an extra autograd traversal every step, needed only
+    when a step can leave a trainable parameter without a gradient. ``auto`` lets an encoder
+    whose modality a batch lacks touch its weights (a zero gradient) instead of skipping them,
+    then asks the modules whether any other of theirs can go unused
+    (``plait.core.model.leaves_parameters_unused``)."""
+    if setting != "auto":
+        return setting == "true"
+    if hasattr(model, "idle_encoders"):
+        model.idle_encoders = "touch"
+    return leaves_parameters_unused(model)
+
+
+def undeclared_unused_parameters(model: torch.nn.Module, ddp_message: str) -> PluginError:
+    """DDP's error for a parameter that got no gradient, as one line naming the parameters."""
+    import re
+
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    found = re.search(r"did not receive grad for rank \d+: ([\d ,]+)", ddp_message)
+    indices = [int(i) for i in re.findall(r"\d+", found.group(1))] if found else []
+    names = [trainable[i] for i in indices if i < len(trainable)]
+    which = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "some"
+    return PluginError(f"a training step left parameters without a gradient ({which}), and no module declared it "
+                       "could (may_leave_parameters_unused = True on the module that bypasses them); set "
+                       "scaling.find_unused_parameters=true to run anyway")
 
 
 def broadcast_buffers(model: torch.nn.Module, args: tuple) -> None:
@@ -98,13 +128,16 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             plugins.pm.register(StorageSync(remote), name="plait-storage")
     strategy = config.scaling.strategy
 
+    prepared: dict[str, torch.nn.Module] = {}
+
     def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+        prepared["model"] = model
         if world_size == 1:
             return model
         if strategy == "fsdp":
             return shard_model(model)
-        # Samples without a modality skip its encoder, so some parameters get no gradient in a step.
-        kwargs = {"find_unused_parameters": True, "gradient_as_bucket_view": True}
+        kwargs = {"find_unused_parameters": find_unused_parameters(model, config.scaling.find_unused_parameters),
+                  "gradient_as_bucket_view": True}
         sparse_embedding_gradients(model)
         return ray_torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=kwargs)
 
@@ -115,10 +148,37 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         device=ray_torch.get_device() if config.scaling.use_gpu else torch.device("cpu"),
         lockstep=strategy == "fsdp" and world_size > 1,
     )
-    if rank == 0 and loop_config.get("progress") is not None:
-        plugins.pm.register(ProgressForwarder(loop_config["progress"]), name="plait-ray-progress")
-    state = fit(config, plugins, dist)
+    if loop_config.get("progress") is not None:
+        _send_nowait(loop_config["progress"], {"worker": {"rank": rank, **where_this_worker_logs()}})
+        if rank == 0:
+            plugins.pm.register(ProgressForwarder(loop_config["progress"]), name="plait-ray-progress")
+    try:
+        state = fit(config, plugins, dist)
+    except RuntimeError as exc:
+        if "Expected to have finished reduction" not in str(exc):
+            raise
+        raise undeclared_unused_parameters(prepared["model"], str(exc)) from None
     ray.train.report({"run": state.metrics.get("run", {})})
+
+
+def where_this_worker_logs() -> dict[str, Any]:
+    """This worker's node and log file, for the driver's error if the process dies: Ray sends a
+    worker's stderr to a file in its session folder on that node."""
+    import ray
+
+    try:
+        log = os.readlink("/proc/self/fd/2")  # Linux: what stderr is, as Ray redirected it
+    except OSError:
+        log = None
+    return {"node": ray.util.get_node_ip_address(), "pid": os.getpid(),
+            "log": log if log and log.startswith("/") else None}
+
+
+def _send_nowait(queue: Any, event: dict) -> None:
+    try:
+        queue.put_nowait(event)
+    except Exception:  # noqa: BLE001 - a full or gone queue must never stop training
+        pass
 
 
 class ProgressForwarder:
@@ -136,10 +196,7 @@ class ProgressForwarder:
 
     def _send(self, event: dict) -> None:
         self.last_sent = time.monotonic()
-        try:
-            self.queue.put_nowait(event)
-        except Exception:  # noqa: BLE001 - a full or gone queue must never stop training
-            pass
+        _send_nowait(self.queue, event)
 
     @hookimpl
     def plait_fit_start(self, state) -> None:
@@ -155,8 +212,9 @@ class ProgressForwarder:
         self._send({"metrics": metrics})
 
 
-def _show_progress(queue: Any, running: threading.Thread) -> None:
-    """Draw rank 0's progress on the driver until the training thread ends."""
+def _show_progress(queue: Any, running: threading.Thread, workers: dict[int, dict[str, Any]]) -> None:
+    """Draw rank 0's progress on the driver until the training thread ends; note in ``workers``
+    where each rank logs."""
     from queue import Empty
 
     from rich.console import Console
@@ -173,7 +231,9 @@ def _show_progress(queue: Any, running: threading.Thread) -> None:
                 event = queue.get(timeout=1.0)  # a long poll: few round trips
             except (Empty, Exception):  # noqa: BLE001 - the queue actor goes away with Ray
                 continue
-            if "total" in event:
+            if "worker" in event:
+                workers[event["worker"]["rank"]] = event["worker"]
+            elif "total" in event:
                 task = progress.add_task(event["name"], total=event["total"], completed=event["step"],
                                          loss="-", speed="-")
             elif task is None:
@@ -266,17 +326,47 @@ def check_storage(config: PlaitConfig) -> str:
     return str(runs)
 
 
-def _worker_error(exc: Exception) -> PlaitError | None:
-    """A one-line error naming the rank (and the plugin and hook noted on the exception)."""
+def _worker_error(exc: Exception, workers: dict[int, dict[str, Any]], checkpoints: Path | None) -> PlaitError | None:
+    """A one-line error naming the rank (and the plugin and hook noted on the exception); for a
+    failure that is not the user's input, also where that worker's log is and how to resume."""
     failures = getattr(exc, "worker_failures", None)
     if not failures:
         return None
-    rank, error = min(failures.items())
+    from ray.exceptions import RayActorError
+
+    def death(error: BaseException) -> BaseException | None:
+        """What ended a worker's process (Train V2 reports it as a failed health check)."""
+        cause = getattr(error, "health_check_failure", error)
+        return cause if isinstance(cause, RayActorError) else None
+
+    # A worker whose process died is the cause; its peers then fail in their next collective.
+    died = [rank for rank, error in failures.items() if death(error) is not None]
+    rank = min(died or failures)
+    error = failures[rank]
     if isinstance(error, PlaitError):
         return type(error)(str(error))
-    notes = "; ".join(getattr(error, "__notes__", []))
-    where = f" {notes}" if notes else ""
-    return PlaitError(f"worker rank {rank} failed{where}: {type(error).__name__}: {error}")
+    cause = death(error)
+    if cause is not None:
+        what = f"died ({type(cause).__name__}: {_first_line(cause)})"
+    else:
+        notes = "; ".join(getattr(error, "__notes__", []))
+        what = f"failed{' ' + notes if notes else ''}: {type(error).__name__}: {_first_line(error)}"
+    worker = workers.get(rank, {})
+    log = f"; its log: {worker['node']}:{worker['log']}" if worker.get("log") else ""
+    return PlaitError(f"worker rank {rank} {what}{log}; {_how_to_resume(checkpoints)}")
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+
+
+def _how_to_resume(checkpoints: Path | None) -> str:
+    newest = checkpoint.latest(checkpoints) if checkpoints is not None else None
+    if newest is not None:
+        return f"the newest checkpoint, {newest.name}, is kept: the same command resumes from it"
+    if checkpoints is None:  # a storage URI: the checkpoints are there
+        return "the same command resumes from the newest checkpoint in run.runs_dir"
+    return "no checkpoint was written yet: the same command starts the run again"
 
 
 def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
@@ -315,6 +405,7 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
         ),
     )
     outcome: dict[str, Any] = {}
+    workers: dict[int, dict[str, Any]] = {}  # rank -> node, pid and log file, as each worker reports them
 
     def run() -> None:
         try:
@@ -327,13 +418,13 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
     else:
         running = threading.Thread(target=run, name="plait-ray-fit", daemon=True)
         running.start()
-        _show_progress(queue, running)
+        _show_progress(queue, running, workers)
         running.join()
     if "error" in outcome:
         exc = outcome["error"]
         if isinstance(exc, PlaitError):
             raise exc
-        error = _worker_error(exc)
+        error = _worker_error(exc, workers, None if is_uri(runs) else Path(runs) / config.run.name / "checkpoints")
         if error is None:
             raise exc
         raise error from exc

@@ -39,6 +39,8 @@ class Fusion(nn.Module):
         self.project = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, dim), nn.LayerNorm(dim)) for m, d in dims.items()})
         self.missing = nn.ParameterDict({m: nn.Parameter(torch.randn(dim) * 0.02) for m in dims})
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # 1-D: FSDP shards no scalars
+        # the contrastive temperature trains only where a contrastive loss can use it
+        self.logit_scale.requires_grad_(bool(options.contrastive_weight) and len(dims) > 1)
         if options.kind == "attention":
             self.cls = nn.Parameter(torch.randn(dim) * 0.02)
             self.type_embedding = nn.Parameter(torch.randn(len(dims), dim) * 0.02)
@@ -126,4 +128,7 @@ def plait_loss_terms(state, batch, outputs):
         contrastive = contrastive_loss(outputs)
         if contrastive is not None:
             terms["contrastive"] = options.contrastive_weight * contrastive
+        else:  # no pair in this batch: the temperature still takes part (a zero gradient), so DDP
+            # needs no search for unused parameters
+            terms["ce"] = terms["ce"] + 0.0 * outputs["logit_scale"].sum()
     return terms

@@ -45,6 +45,8 @@ class TextEncoder(nn.Module):
             self.tokenizer = WordPieceTokenizer(folder, options.max_length)
             self.num_id = self._add_num_token(options)
             self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+            if getattr(self.model, "pooler", None) is not None:  # this encoder mean-pools the hidden states:
+                self.model.pooler = None  # the pooler would be dead weight, and unused parameters under DDP
             if self.model.config.vocab_size < self.tokenizer.vocab_size:
                 self.model.resize_token_embeddings(self.tokenizer.vocab_size)
         else:

@@ -16,7 +16,7 @@ from plait.core import checkpoint
 from plait.core.loop import Distributed, fit
 from plait.launch.cli import load
 from plait.launch.evaluate import evaluate_run
-from plait.launch.ray_runner import shard_model, sparse_embedding_gradients
+from plait.launch.ray_runner import find_unused_parameters, shard_model, sparse_embedding_gradients, undeclared_unused_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,9 @@ def _distributed(rank: int, strategy: str, seed: int) -> Distributed:
         if strategy == "fsdp":
             return shard_model(model)
         sparse_embedding_gradients(model)
-        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True,
+        # as the Ray runner decides it: the tiny batches often lack a modality, whose encoder then
+        # touches its weights, so DDP runs without its search for unused parameters
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters(model, "auto"),
                                                          gradient_as_bucket_view=True)
 
     def prepare_loader(loader: DataLoader, add_sampler: bool) -> DataLoader:
@@ -62,10 +64,11 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     plugins = {**TINY_PLUGINS, "spoken_digits": {**TINY_PLUGINS["spoken_digits"], "test_size": 65}}
 
-    def write(name: str, extra: dict | None = None, file: str | None = None, **run) -> str:
+    def write(name: str, extra: dict | None = None, file: str | None = None, without: str | None = None,
+              **run) -> str:
         config = {"run": {"name": name, "runs_dir": str(root / "runs"), "epochs": 2, "batch_size": 16,
                           "eval_batch_size": 16, "lr": 3e-3, "log_every": 2, "checkpoint_every": 4, **run},
-                  "plugins": {**plugins, **(extra or {})}}
+                  "plugins": {k: v for k, v in {**plugins, **(extra or {})}.items() if k != without}}
         path = root / f"{file or name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return str(path)
@@ -75,6 +78,13 @@ def runs(tmp_path_factory):
         "ddp": (write("ddp"), "ddp"),
         "fsdp-3": (write("fsdp-3", max_steps=3), "fsdp"),
         "ddp-3": (write("ddp-3", {"rank_1_term": {}}, max_steps=3, log_every=1), "ddp"),
+        # batches of 4 with 60% of each modality missing: many a step where one worker, or both,
+        # has no text (the sparse embedding touched) or no audio (no image encoder: a batch norm
+        # cannot train on the one image a batch of 4 may hold)
+        "gaps": (write("gaps", {"spoken_digits": {**plugins["spoken_digits"], "p_missing": 0.6, "p_corrupt": 0.0}},
+                       without="image_encoder", batch_size=4, max_steps=40), "ddp"),
+        "undeclared": (write("undeclared", {"spare_weight": {}}, max_steps=3), "ddp"),
+        "declared": (write("declared", {"spare_weight": {"declare": True}}, max_steps=3), "ddp"),
         "stopped": (write("split", {"stop_at": {"step": 10}}, "stopped"), "fsdp"),  # last checkpoint: step 8, mid-epoch
         "resumed": (write("split"), "fsdp"),
     }
@@ -145,3 +155,19 @@ def test_a_loss_term_only_one_worker_has_is_logged(runs):
     train = [row for row in rows if row["split"] == "train"]
     assert [row["step"] for row in train] == [1, 2, 3]
     assert all(row["rank_1_only"] == 0.0 and row["ce"] > 0 for row in train)
+
+
+@pytest.mark.timeout(400)
+def test_ddp_searches_for_unused_parameters_only_where_a_module_declares_them(runs):
+    assert "error" not in runs[0]["ddp"], "the tiny plugins leave no parameter unused: no search needed"
+    assert "error" not in runs[0]["gaps"] and "error" not in runs[1]["gaps"], "idle encoders touch their weights"
+    assert "error" not in runs[0]["declared"], "a declared spare layer: DDP searches, and the run completes"
+    error = runs[0]["undeclared"]["error"]
+    assert "Expected to have finished reduction" in error
+    config, plugins = load(runs["root"] / "undeclared.yaml", [])
+    from plait.core.model import build_model
+
+    model = build_model(plugins, config, ("text", "image", "audio"), 10)
+    assert not find_unused_parameters(model, "auto") and find_unused_parameters(model, "true")
+    message = str(undeclared_unused_parameters(model, error))
+    assert "(spare.weight, spare.bias)" in message and "scaling.find_unused_parameters=true" in message

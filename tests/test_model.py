@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from plait.core.errors import PluginError
-from plait.core.model import MultimodalModel
+from plait.core.model import MultimodalModel, leaves_parameters_unused, touch
 from plait.plugins.fusion import Fusion, FusionOptions
 
 
@@ -34,9 +34,9 @@ def batch(b_present: bool) -> dict:
             "inputs": {m: {"x": torch.randn(4, 4, generator=generator)} for m in "ab"}}
 
 
-def test_run_every_encoder_keeps_the_result_and_gives_the_idle_encoder_a_zero_gradient():
+def test_idle_encoders_run_keeps_the_result_and_gives_the_idle_encoder_a_zero_gradient():
     plain, idle = model(), model()
-    idle.run_every_encoder = True
+    idle.idle_encoders = "run"
     idle(batch(b_present=True))  # keeps an example row of each modality
     plain(batch(b_present=True))
     stats = idle.encoders["b"].norm.running_mean.clone()
@@ -52,8 +52,36 @@ def test_run_every_encoder_keeps_the_result_and_gives_the_idle_encoder_a_zero_gr
     assert idle.encoders["b"].training  # and is back in training mode
 
 
-def test_run_every_encoder_needs_an_example_of_the_modality_first():
+def test_idle_encoders_run_needs_an_example_of_the_modality_first():
     idle = model()
-    idle.run_every_encoder = True
+    idle.idle_encoders = "run"
     with pytest.raises(PluginError, match="no 'b' sample"):
         idle(batch(b_present=False))
+
+
+def test_idle_encoders_touch_gives_a_zero_gradient_without_running_the_encoder():
+    plain, touched = model(), model()
+    touched.idle_encoders = "touch"
+    assert plain.may_leave_parameters_unused and not touched.may_leave_parameters_unused
+    assert leaves_parameters_unused(plain) and not leaves_parameters_unused(touched)
+    calls = []
+    touched.encoders["b"].register_forward_hook(lambda *_: calls.append(1))
+    without_b = batch(b_present=False)
+    expected, got = plain(without_b)["logits"], touched(without_b)["logits"]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got.sum().backward()
+    assert not calls
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in touched.encoders["b"].parameters())
+
+
+def test_touch_gives_a_sparse_embedding_a_sparse_zero_gradient_on_a_real_row():
+    module = nn.Sequential(nn.Embedding(10, 4, padding_idx=0, sparse=True), nn.Linear(4, 2))
+    module[1].bias.requires_grad_(False)
+    touched = touch(module)
+    assert touched is not None and float(touched.detach()) == 0.0
+    touched.backward()
+    grad = module[0].weight.grad
+    assert grad.is_sparse and grad._nnz() == 1 and grad.coalesce().indices().tolist() == [[1]]
+    assert torch.count_nonzero(grad.to_dense()) == 0
+    assert module[1].weight.grad is not None and module[1].bias.grad is None
+    assert touch(nn.Linear(2, 2).requires_grad_(False)) is None

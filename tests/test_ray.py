@@ -1,6 +1,7 @@
 """Real Ray Train on this machine: 2 CPU workers, one Ray session for the module."""
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -116,6 +117,24 @@ def test_without_retries_the_error_names_rank_plugin_and_hook(write_config, tmp_
     message = str(err.value)
     assert "worker rank 1" in message and "'fail_once'" in message and "plait_batch_start" in message
     assert "injected failure at step 1" in message
+
+
+def test_a_worker_that_dies_is_named_with_its_log_and_the_run_resumes(write_config, tmp_path):
+    marker = tmp_path / "aborted"
+    path, _ = configure(write_config, {"fail_once": {"marker": str(marker), "at_step": 4, "how": "abort"}},
+                        name="aborts", epochs=2, log_every=1, checkpoint_every=2)
+    with pytest.raises(PlaitError) as err:
+        run_ray(path, ["scaling.num_workers=2"])
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("worker rank 1 died ("), message
+    log = Path(re.search(r"its log: [\d.]+:(\S+);", message).group(1))
+    assert "Fatal Python error: Aborted" in log.read_text(), "the log named is that worker's, with the crash"
+    # rank 0 may or may not have written step 4's checkpoint before its peer's death stopped it
+    assert re.search(r"the newest checkpoint, step-0000000[24], is kept: the same command resumes from it", message)
+    config, results = run_ray(path, ["scaling.num_workers=2"])  # the same command again
+    assert results["steps"] == 6
+    rows = [json.loads(line) for line in (Path(config.run.runs_dir) / "aborts" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6], "no row lost or repeated"
 
 
 @pytest.mark.parametrize("overrides, expected", [
