@@ -90,6 +90,20 @@ def all_gather(obj: Any) -> list[Any]:
     return gathered
 
 
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Every worker's buffers (batch-norm statistics) become rank 0's, which are the ones a
+    checkpoint keeps (nothing in one process)."""
+    if not _distributed():
+        return
+    buffers = [b for b in model.buffers() if b.numel()]
+    for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every worker
+        same = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in same])
+        torch.distributed.broadcast(flat, src=0)
+        for buffer, value in zip(same, flat.split([b.numel() for b in same])):
+            buffer.copy_(value.view_as(buffer))
+
+
 class ShardSampler(torch.utils.data.Sampler):
     """Every ``world_size``-th index from ``rank``: an exact partition (no padding, unlike
     DistributedSampler), so that metrics summed over workers count each sample once."""
@@ -267,6 +281,9 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
 def evaluate(state: RunState, loader: DataLoader, keep: set[str] | None = None) -> dict[str, float]:
     """Accuracy and loss of ``state.model`` on ``loader``, optionally with only ``keep`` modalities."""
     model = state.model if state.lockstep else _unwrap(state.model)  # DDP's forward needs no collectives
+    # DDP broadcasts rank 0's buffers at the start of each training forward, so after the last one
+    # each worker's batch-norm statistics hold its own batch: evaluate the model the checkpoint keeps
+    sync_buffers(model)
     was_training = model.training
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0

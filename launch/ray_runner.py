@@ -27,7 +27,7 @@ from plait.core import checkpoint
 from plait.core.config import PlaitConfig
 from plait.core.errors import ConfigError, PlaitError, PluginError
 from plait.core.hookspecs import hookimpl
-from plait.core.loop import Distributed, fit
+from plait.core.loop import Distributed, fit, sync_buffers
 from plait.core.model import leaves_parameters_unused
 from plait.launch.storage import RemoteRuns, StorageSync, is_uri, staging_dir
 
@@ -99,13 +99,7 @@ def undeclared_unused_parameters(model: torch.nn.Module, ddp_message: str) -> Pl
 def broadcast_buffers(model: torch.nn.Module, args: tuple) -> None:
     """Rank 0's buffers (batch-norm statistics) to every worker before each forward, as DDP
     does: FSDP shards weights only, and workers' statistics would drift apart otherwise."""
-    buffers = [b for b in model.buffers() if b.numel()]
-    for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every worker
-        same = [b for b in buffers if b.dtype == dtype]
-        flat = torch.cat([b.reshape(-1) for b in same])
-        torch.distributed.broadcast(flat, src=0)
-        for buffer, value in zip(same, flat.split([b.numel() for b in same])):
-            buffer.copy_(value.view_as(buffer))
+    sync_buffers(model)
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:

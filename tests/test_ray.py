@@ -50,6 +50,14 @@ def test_two_workers_train_and_count_each_test_sample_once(write_config):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes
     assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
+    # what the workers reported is what the saved model scores: every worker evaluated with rank
+    # 0's batch-norm statistics, the ones the checkpoint holds
+    from plait.launch.evaluate import evaluate_run
+
+    for modality, reported in results["test"].items():
+        alone = evaluate_run(run_dir, modalities=None if modality == "fused" else [modality])
+        assert alone["accuracy"] == reported["accuracy"], modality
+        assert alone["loss"] == pytest.approx(reported["loss"], rel=1e-5), modality
 
 
 def test_moe_fusion_trains_with_two_ddp_workers(write_config):
