@@ -67,7 +67,7 @@ class ScalingSettings(Options):
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    find_unused_parameters: Literal["auto", "true", "false"] = Field(
+    find_unused_parameters: Literal["auto"] | bool = Field(
         "auto", description="DDP's search for parameters a step left without a gradient; auto: only where a "
         "module of the model says it can leave some unused")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts Ray may make (-1: no limit)")

@@ -69,14 +69,14 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def find_unused_parameters(model: torch.nn.Module, setting: str) -> bool:
+def find_unused_parameters(model: torch.nn.Module, setting: str | bool) -> bool:
     """DDP's ``find_unused_parameters``: an extra autograd traversal every step, needed only
     when a step can leave a trainable parameter without a gradient. ``auto`` lets an encoder
     whose modality a batch lacks touch its weights (a zero gradient) instead of skipping them,
     then asks the modules whether any other of theirs can go unused
     (``plait.core.model.leaves_parameters_unused``)."""
     if setting != "auto":
-        return setting == "true"
+        return bool(setting)
     if hasattr(model, "idle_encoders"):
         model.idle_encoders = "touch"
     return leaves_parameters_unused(model)

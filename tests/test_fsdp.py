@@ -168,6 +168,8 @@ def test_ddp_searches_for_unused_parameters_only_where_a_module_declares_them(ru
     from plait.core.model import build_model
 
     model = build_model(plugins, config, ("text", "image", "audio"), 10)
-    assert not find_unused_parameters(model, "auto") and find_unused_parameters(model, "true")
+    assert not find_unused_parameters(model, "auto") and find_unused_parameters(model, True)
+    assert load(runs["root"] / "undeclared.yaml", ["scaling.find_unused_parameters=true"])[0].scaling \
+        .find_unused_parameters is True  # as a command line or YAML writes it
     message = str(undeclared_unused_parameters(model, error))
     assert "(spare.weight, spare.bias)" in message and "scaling.find_unused_parameters=true" in message
