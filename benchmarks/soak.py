@@ -69,7 +69,7 @@ def one_run(index: int, args: argparse.Namespace, work: Path, warm_cache: Path) 
             shutil.copy(path, kept / path.name)
         result["logs"] = str(kept)
         result["signs"] = signs[:5]
-    if cold and index > 0 or args.all_cold:
+    if cache != warm_cache:  # the warm runs' cache is kept for them
         shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     return result

@@ -164,8 +164,7 @@ def where_this_worker_logs() -> dict[str, Any]:
         log = os.readlink("/proc/self/fd/2")  # Linux: what stderr is, as Ray redirected it
     except OSError:
         log = None
-    return {"node": ray.util.get_node_ip_address(), "pid": os.getpid(),
-            "log": log if log and log.startswith("/") else None}
+    return {"node": ray.util.get_node_ip_address(), "log": log if log and log.startswith("/") else None}
 
 
 def _send_nowait(queue: Any, event: dict) -> None:
@@ -399,7 +398,7 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
         ),
     )
     outcome: dict[str, Any] = {}
-    workers: dict[int, dict[str, Any]] = {}  # rank -> node, pid and log file, as each worker reports them
+    workers: dict[int, dict[str, Any]] = {}  # rank -> node and log file, as each worker reports them
 
     def run() -> None:
         try:

@@ -42,7 +42,6 @@ class ManifestOptions(Options):
                                      "folder (absolute paths, ../); refused by default, for manifests you did "
                                      "not write")
 
-
     @field_validator("image_background")
     @classmethod
     def _colour(cls, value: str) -> str:
@@ -90,6 +89,7 @@ class Manifest(Dataset):
     def __init__(self, path: Path, options: ManifestOptions, classes: list[str] | None = None) -> None:
         self.path = path
         self.options = options
+        self.background = parse_colour(options.image_background)
         rows = read_rows(path)
         if not rows:
             raise DataError(f"{path}: the manifest has no rows")
@@ -147,7 +147,7 @@ class Manifest(Dataset):
             if entry["image"]:
                 size = self.options.image_size
                 sample["image"] = load_image(entry["image"], (size, size), self.options.image_channels,
-                                             parse_colour(self.options.image_background))
+                                             self.background)
             if entry["audio"]:
                 sample["audio"] = load_audio(entry["audio"], self.options.audio_max_seconds)
         except DataError as exc:
