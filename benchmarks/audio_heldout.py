@@ -42,7 +42,7 @@ def main() -> None:
                                              rng.randint(120, 220), rng.randint(20, 80), rng.randint(30, 80)))
                      for digit, word in enumerate(words.split()) for take in range(args.per_digit)]
             rate, waves = speak([utterance for *_, utterance in takes])
-            for (digit, take, _), wave in zip(takes, waves):
+            for (digit, take, _), wave in zip(takes, waves, strict=True):
                 name = f"{lang}-{digit}-{take}.{'ogg' if take % 2 else 'wav'}"
                 soundfile.write(Path(tmp) / name, wave, rate)
                 rows.append(f"{name},{digit}")

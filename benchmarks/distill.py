@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 
 from plait.core.config import load_config
+from plait.core.runs import prepare
 from plait.launch import ray_runner
-from plait.launch.cli import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = {  # about a tenth of the default model

@@ -27,8 +27,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from plait.core.runs import prepare
 from plait.launch import ray_runner
-from plait.launch.cli import prepare
 
 LAYERS = [{"student": "encoders.text.model.encoder.layer.0", "teacher": "encoders.text.model.encoder.layer.2"},
           {"student": "encoders.text.model.encoder.layer.1", "teacher": "encoders.text.model.encoder.layer.5"}]

@@ -19,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data"
-MARK = re.compile(r"\[\[(?P<phi>[^|\]]+)\|(?P<type>[A-Z]+)\]\]|\{\{(?P<ent>[^|}]+)\|(?P<code>[^|}]+)(?:\|(?P<flags>[^}]*))?\}\}")
+MARK = re.compile(r"\[\[(?P<phi>[^|\]]+)\|(?P<type>[A-Z]+)\]\]"
+                  r"|\{\{(?P<ent>[^|}]+)\|(?P<code>[^|}]+)(?:\|(?P<flags>[^}]*))?\}\}")
 
 
 def parse_notes(path: Path) -> list[dict]:
@@ -116,7 +117,8 @@ def measure_medical(show_misses: bool) -> dict:
         "clinical_sentences": len(notes), "medical_seconds": round(seconds, 1),
     }
     print(f"medical: {len(notes)} sentences, {gold_phi} PHI spans (recall {result['phi_recall']:.3f}), "
-          f"{true_pos + false_neg} conditions (F1 {result['entity_f1']:.3f}, negation {result['negation_accuracy']:.3f}, "
+          f"{true_pos + false_neg} conditions (F1 {result['entity_f1']:.3f}, "
+          f"negation {result['negation_accuracy']:.3f}, "
           f"uncertainty {result['uncertainty_accuracy']:.3f}, history {result['history_accuracy']:.3f})", flush=True)
     return result
 

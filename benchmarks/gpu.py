@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 from plait.core.config import load_config
+from plait.core.runs import prepare
 from plait.launch import ray_runner
-from plait.launch.cli import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,10 @@ def main() -> None:
         raw["plugins"].pop("curves", None)
         config, _ = prepare(raw, "plugins.yaml")
         results = ray_runner.train(config, raw)
-    print(json.dumps({"samples_per_s": results["samples_per_s"], "peak_gpu_memory_mb": results.get("peak_gpu_memory_mb"),
-                      "test_accuracy": results["test"]["fused"]["accuracy"], "train_seconds": results["train_seconds"]}))
+    print(json.dumps({"samples_per_s": results["samples_per_s"],
+                      "peak_gpu_memory_mb": results.get("peak_gpu_memory_mb"),
+                      "test_accuracy": results["test"]["fused"]["accuracy"],
+                      "train_seconds": results["train_seconds"]}))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from pathlib import Path
 from plait.core.config import load_config
 from plait.core.hookspecs import hookimpl
 from plait.core.manager import Plugins
+from plait.core.runs import prepare
 from plait.launch import ray_runner
-from plait.launch.cli import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_STEP = ["plait_batch_start", "plait_loss_terms", "plait_after_backward", "plait_batch_end"]
@@ -76,13 +76,13 @@ def main() -> None:
     one = ns_per_call(no_op_plugins(1), "plait_batch_start", args.calls)
     twenty = ns_per_call(no_op_plugins(20), "plait_batch_start", args.calls)
 
-    config, plugins = prepare(load_config(ROOT / "plugins.yaml"), "plugins.yaml")
+    _config, plugins = prepare(load_config(ROOT / "plugins.yaml"), "plugins.yaml")
     for hook in PER_STEP + PER_LOG:  # dispatch only: every implementation does nothing
         for impl in getattr(plugins.pm.hook, hook).get_hookimpls():
             impl.function = lambda *a, **k: None
     per_step_ns = sum(ns_per_call(plugins, hook, args.calls // 10) for hook in PER_STEP)
     per_log_ns = sum(ns_per_call(plugins, hook, args.calls // 10) for hook in PER_LOG)
-    step_s, batch_size, log_every = default_step_seconds(args.steps)
+    step_s, _batch_size, log_every = default_step_seconds(args.steps)
     dispatch_s = (per_step_ns + per_log_ns / log_every) * 1e-9
     print(f"hook call: {one:.0f} ns with 1 plugin, {twenty:.0f} ns with 20; default step: {step_s * 1e3:.1f} ms, "
           f"its hook dispatch {dispatch_s * 1e6:.1f} us", flush=True)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from plait.core.runs import prepare
 from plait.launch import ray_runner
-from plait.launch.cli import prepare
 
 LM = {"seq_len": 64, "dim": 128, "layers": 2, "heads": 4, "ffn": 512}
 MOE = {"experts": 4, "top_k": 1, "capacity_factor": 1.25, "targets": ["transformers"], "aux_loss_weight": 0.01}
@@ -62,7 +62,7 @@ def throughput_ratio(rounds: int, runs_dir: str) -> tuple[float, float, float]:
 
     def tokens_per_s(model) -> float:
         started = time.perf_counter()
-        for batch, label in zip(batches, labels):
+        for batch, label in zip(batches, labels, strict=True):
             logits = model(batch)["logits"]
             torch.nn.functional.cross_entropy(logits.flatten(0, 1), label).backward()
         model.zero_grad(set_to_none=True)
@@ -74,7 +74,7 @@ def throughput_ratio(rounds: int, runs_dir: str) -> tuple[float, float, float]:
     for _ in range(rounds):
         dense.append(tokens_per_s(models[False]))
         sparse.append(tokens_per_s(models[True]))
-    ratio = statistics.median(s / d for d, s in zip(dense, sparse))
+    ratio = statistics.median(s / d for d, s in zip(dense, sparse, strict=True))
     return ratio, statistics.median(dense), statistics.median(sparse)
 
 

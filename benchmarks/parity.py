@@ -22,7 +22,6 @@ Last line: JSON {"plait_vs_plain", "plait_vs_lightning", "peak_rss_mb_plait", "p
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import resource
@@ -39,7 +38,7 @@ VARIANTS = ("plain", "plait", "lightning")
 
 def _config(steps: int, runs_dir: str):
     from plait.core.config import load_config
-    from plait.launch.cli import prepare
+    from plait.core.runs import prepare
 
     raw = load_config(ROOT / "plugins.yaml")
     raw["run"].update(max_steps=steps, runs_dir=runs_dir, name="parity", log_every=10)
@@ -52,7 +51,8 @@ def _setup(steps: int, runs_dir: str):
     """(config, model, train loader) exactly as plait builds them."""
     import torch
 
-    from plait.core.loop import build_dataset, make_loader, seed_everything
+    from plait.core.data import build_dataset, make_loader
+    from plait.core.distributed import seed_everything
     from plait.core.model import build_model
 
     config, plugins = _config(steps, runs_dir)

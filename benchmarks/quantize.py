@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 
 from plait.core.config import load_config
-from plait.core.loop import build_dataset, make_loader
+from plait.core.data import build_dataset, make_loader
 from plait.core.model import build_model, cpu_latency_ms
+from plait.core.runs import load_run, prepare
 from plait.launch import ray_runner
-from plait.launch.cli import prepare
 from plait.launch.compress import compress_run
-from plait.launch.evaluate import load_run
 from plait.plugins.quantize import QuantizeOptions, pick_engine, quantize, quantized_layers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 from plait.core.config import load_config
+from plait.core.runs import prepare
 from plait.launch import ray_runner
-from plait.launch.cli import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def main() -> None:
                 results[workers].append(speed)
                 print(f"round {round_ + 1}: {workers} worker(s): {speed:.1f} samples/s", flush=True)
     one, two = statistics.median(results[1]), statistics.median(results[2])
-    speedup = statistics.median(b / a for a, b in zip(results[1], results[2]))
+    speedup = statistics.median(b / a for a, b in zip(results[1], results[2], strict=True))
     print(json.dumps({"samples_per_s_1": round(one, 1), "samples_per_s_2": round(two, 1),
                       "speedup_2_workers": round(speedup, 3)}))
 

@@ -9,9 +9,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
-#: Version of the hook contract (core/hookspecs.py). Bumped when a hook changes incompatibly.
-HOOK_API_VERSION = 1
-
 
 def _quiet_torchao() -> None:
     """transformers imports torchao whenever it is installed (the ``quantize`` extra), in every process.

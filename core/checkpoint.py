@@ -71,7 +71,8 @@ def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     plain module's names. Collective under FSDP: every worker calls it; only rank 0 gets them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {name: value for name, value in weights.items() if isinstance(value, torch.Tensor)}
 
 
 def save(checkpoints_dir: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any],
@@ -143,14 +144,15 @@ def load(checkpoint: Path, model: torch.nn.Module, device: torch.device | str = 
         skeleton = json.loads((checkpoint / "state.json").read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{checkpoint}: unreadable checkpoint: {exc}") from None
-    misfit = f"{checkpoint}: the saved weights do not fit the model built from the config ({{}}); a changed " \
-             "model needs a new run.name"
+    misfit = (f"{checkpoint}: the saved weights do not fit the model built from the config ({{}}); a changed "
+              "model needs a new run.name")
     try:
         missing, unexpected = set_model_state_dict(
-            model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+            model, dict(weights), options=StateDictOptions(full_state_dict=True, strict=False))
     except RuntimeError as exc:  # shapes differ
         details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
         raise DataError(misfit.format("; ".join(details[:3]))) from None
     if missing or unexpected:
         raise DataError(misfit.format(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"))
-    return unflatten(skeleton, tensors)
+    trainer: dict[str, Any] = unflatten(skeleton, tensors)
+    return trainer

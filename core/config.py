@@ -53,7 +53,7 @@ class RunSettings(Options):
                                   "(fine-tuning); a run resuming from its own checkpoint ignores it")
 
     @model_validator(mode="after")
-    def _eval_batch_size(self) -> "RunSettings":
+    def _eval_batch_size(self) -> RunSettings:
         if self.eval_batch_size is None:
             self.eval_batch_size = self.batch_size
         return self
@@ -132,7 +132,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def merge(base: dict, top: dict) -> dict:
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """Deep merge: mappings merge key by key, anything else in ``top`` replaces."""
     out = copy.deepcopy(base)
     for key, value in top.items():
@@ -185,7 +185,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+def _field_names(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """Valid keys at ``loc`` inside ``model`` (for 'did you mean')."""
     for part in loc:
         field = model.model_fields.get(part) if isinstance(part, str) else None

@@ -1,5 +1,9 @@
 """Errors that are the user's to fix: the CLI prints them as one line and exits with code 2."""
 
+from collections.abc import Iterable
+
+__all__ = ["ConfigError", "DataError", "PlaitError", "PluginError", "nearest"]
+
 
 class PlaitError(Exception):
     """Base of every error caused by input (config, data, plugins) rather than by a bug.
@@ -23,7 +27,7 @@ class DataError(PlaitError):
     """A data set, row or file is missing, empty or unreadable. The message names it."""
 
 
-def nearest(word: object, choices) -> str:
+def nearest(word: object, choices: Iterable[object]) -> str:
     """' (did you mean X?)' for the closest of choices, or '' when nothing is close. Anything a
     YAML file may hold as a key (None, a number) is compared as text."""
     import difflib

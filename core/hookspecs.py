@@ -1,19 +1,85 @@
 """The hook contract between plait and its plugins.
 
-A plugin is a module (or object) with functions marked ``@hookimpl`` whose names are
-hooks below. Plugins run in the order of ``plugins:`` in the YAML: *start* hooks and
-first-result hooks in that order, *end* hooks in reverse (like Composer's FILO), so a
-plugin that sets something up first tears it down last.
+A plugin is a module (or object) with functions marked ``@hookimpl`` whose names are the
+hooks below. Arguments are passed by name; an implementation may accept any subset of them.
+Each hook is one of three kinds, said in its docstring:
 
-Arguments are passed by name; an implementation may accept any subset of them.
+- **each plugin**: every implementation runs, in the order of ``plugins:`` in the YAML;
+- **each plugin, in reverse**: the *end* hooks (``REVERSED_HOOKS``) run last plugin first, so
+  that a plugin that sets something up before the others tears it down after them;
+- **first result wins**: plugins are asked in YAML order until one returns something not None.
+
+``tryfirst=True``/``trylast=True`` on a ``@hookimpl`` move it to the front or the back;
+pluggy's wrappers are refused when a plugin loads. ``plait plugins --order CONFIG`` prints
+the order per hook; ``plait hooks NAME`` prints one hook's entry.
+
+Where each hook fires in a training run (``plait.core.loop.fit``), in one process or in each
+Ray Train worker; hooks marked *main process only* run on rank 0 alone. A test traces a real
+run (gradient accumulation, a skipped step, a resume, two Ray workers) against this drawing:
+
+.. code-block:: text
+
+    fit(config, plugins):
+        for split in "train", "val", "test":
+            plait_build_dataset(split)            first result wins; "train" must exist
+            if a plugin returned that split:
+                plait_sample_transforms(split)    each plugin; transforms run in plugin order
+        plait_build_model                         first result wins: the whole model, or None
+        if no plugin built the whole model:
+            for each modality of the data:
+                plait_build_encoder(modality)     first result wins
+            plait_build_fusion                    first result wins
+            plait_build_head                      first result wins
+        plait_configure_model                     each plugin, chained: each gets what the last returned
+        if the run folder holds a checkpoint (a resume):
+            plait_load_state_dict                 each plugin whose state the checkpoint holds
+        plait_fit_start
+        for each epoch:
+            plait_epoch_start
+            for each optimizer step:              run.grad_accumulation batches (fewer at an epoch's end)
+                plait_batch_start                 once a step, with the step's first batch
+                for each batch of the step:
+                    plait_loss_terms              after the forward; the terms' sum goes backward
+                plait_after_backward              gradients summed over batches and workers, not clipped
+                if every loss term and the gradient norm are finite:
+                    plait_batch_end               in reverse; the optimizer stepped, state.step += 1
+                    if state.step % run.log_every == 0:
+                        plait_train_metrics
+                        plait_log_metrics(split="train")    main process only
+                    if state.step % run.checkpoint_every == 0 and the epoch goes on:
+                        plait_state_dict
+                        plait_checkpoint_saved    main process only
+                (else the step is skipped: gradients dropped, buffers restored, nothing logged)
+            if there is a val split:
+                for each batch of this worker's shard:
+                    plait_eval_batch(split="val")
+                plait_eval_metrics(split="val")
+                plait_log_metrics(split="val")    main process only
+            plait_epoch_end                       in reverse
+            plait_state_dict                      the epoch's checkpoint
+            plait_checkpoint_saved                main process only
+        if there is a test split:
+            for all modalities together ("fused"), then each modality alone:
+                for each batch of this worker's shard:
+                    plait_eval_batch(split="test")
+                plait_eval_metrics(split="test")
+        plait_fit_end                             in reverse
+
+Outside ``fit``: ``plait_config_schema`` runs once per plugin whenever a config is resolved
+(``plait.core.runs.prepare``); ``plait_teacher`` when distillation asks for a teacher;
+``plait_compress`` in ``plait compress``; ``plait_runtime_env`` in ``plait launch``;
+``plait_register_commands`` at every start of the CLI.
 
 API history: 1.0 the first contract; 1.1 added ``plait_build_model``, ``plait_train_metrics``,
 ``plait_checkpoint_saved``, ``plait_teacher`` and the ``metrics`` argument of ``plait_eval_metrics``;
-1.2 the ``plugins`` argument of ``plait_configure_model``; 1.3 ``plait_compress``.
+1.2 the ``plugins`` argument of ``plait_configure_model``; 1.3 ``plait_compress``; 1.4 the ``split``
+and ``modalities`` arguments of ``plait_eval_batch`` and ``plait_eval_metrics``, and
+``plugins.stash`` for per-run objects.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -31,14 +97,14 @@ PROJECT = "plait"
 #: The version of this hook contract. A plugin may declare the range it supports as a module
 #: attribute, ``PLAIT_API = ">=1.1,<2"``; a plait outside that range refuses it by name.
 #: Minor: hooks or arguments added; major: a hook removed or its meaning changed.
-API_VERSION = "1.3"
+API_VERSION = "1.4"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-# Hooks called in reverse plugin order (see module docstring).
-REVERSED_HOOKS = frozenset(
-    {"plait_batch_end", "plait_epoch_end", "plait_fit_end"}
-)
+#: The end hooks, called in reverse plugin order (see the module docstring).
+REVERSED_HOOKS = frozenset({"plait_batch_end", "plait_epoch_end", "plait_fit_end"})
+
+__all__ = ["API_VERSION", "REVERSED_HOOKS", "hookimpl"]
 
 
 # --------------------------------------------------------------------- config
@@ -46,36 +112,43 @@ REVERSED_HOOKS = frozenset(
 def plait_config_schema() -> type[BaseModel] | None:
     """Return the pydantic model of this plugin's options (its block under ``plugins:``).
 
-    Called once per plugin, before anything else. The validated options reach the
-    plugin through ``config.options(ThatModel)``. A plugin without options returns
-    None, and any option given to it is then an error.
+    Each plugin, once per resolved config, before anything else. The validated options reach
+    the plugin through ``config.options(ThatModel)``. A plugin without options returns None,
+    and any option given to it is then an error.
     """
 
 
 # ----------------------------------------------------------------------- data
 @hookspec(firstresult=True)
 def plait_build_dataset(config: PlaitConfig, split: str) -> Any:
-    """Return the map-style data set for ``split`` ("train", "val" or "test"), or None.
+    """Return the map-style data set for ``split``, or None. First result wins.
 
-    First non-None result wins. Items are sample dicts: ``label`` (int) and one entry per
-    modality (``text``: str, ``image``: float tensor [C, H, W], ``audio``: float tensor [T]
-    at 16 kHz), None where the sample lacks that modality, plus an ``id`` (str) used in
-    error messages. The data set has ``classes`` (list of class names), ``modalities``
-    (tuple of modality names it can provide), ``collate_fn`` (batches its samples;
-    ``plait.modalities.batch.collate`` fits the sample format above) and optionally
-    ``info`` (a JSON-able dict saved in ``run.json``, e.g. the image shape).
+    :param config: the resolved config.
+    :param split: "train", "val" or "test".
+
+    Items are sample dicts: ``label`` (int) and one entry per modality (``text``: str,
+    ``image``: float tensor [C, H, W], ``audio``: float tensor [T] at 16 kHz), None where the
+    sample lacks that modality, plus an ``id`` (str) used in error messages. The data set has
+    ``classes`` (list of class names), ``modalities`` (tuple of modality names it can provide),
+    ``collate_fn`` (batches its samples; ``plait.modalities.batch.collate`` fits the sample
+    format above) and optionally ``info`` (a JSON-able dict saved in ``run.json``, e.g. the
+    image shape).
     """
 
 
 @hookspec
-def plait_sample_transforms(config: PlaitConfig, split: str) -> list[Callable[[dict], dict]] | None:
-    """Return transforms applied to every sample of ``split``, in plugin order.
+def plait_sample_transforms(config: PlaitConfig, split: str) -> list[Callable[[dict[str, Any]], dict[str, Any]]] | None:
+    """Return transforms applied to every sample of ``split``. Each plugin; the transforms run
+    in plugin order.
 
-    Each transform takes a sample dict and returns one. They run in DataLoader workers
-    and Ray workers, so they must be picklable (module-level classes, not lambdas).
-    Augmentation and domain preprocessing live here. ``plait preprocess NAME`` applies a
-    plugin's transforms (split ``test``) to JSONL lines; a transform with a ``preview_field``
-    attribute names the field ``--query TEXT --json`` prints (legal_rag: ``passages``).
+    :param config: the resolved config.
+    :param split: "train", "val" or "test".
+
+    Each transform takes a sample dict and returns one. They run in DataLoader workers and Ray
+    workers, so they must be picklable (module-level classes, not lambdas). Augmentation and
+    domain preprocessing live here. ``plait preprocess NAME`` applies a plugin's transforms
+    (split ``test``) to JSONL lines; a transform with a ``preview_field`` attribute names the
+    field ``--query TEXT --json`` prints (legal_rag: ``passages``).
     """
 
 
@@ -83,28 +156,39 @@ def plait_sample_transforms(config: PlaitConfig, split: str) -> list[Callable[[d
 @hookspec(firstresult=True)
 def plait_build_model(config: PlaitConfig, modalities: tuple[str, ...], num_classes: int) -> torch.nn.Module | None:
     """Return the whole model, for a task that is not multimodal classification (a causal
-    language model); None lets the encoders, fusion and head plugins build it. Its
-    ``forward(batch)`` returns ``logits``: [B, classes], or [B, T, classes] scored against
+    language model), or None to let the encoder, fusion and head hooks build it. First result wins.
+
+    :param config: the resolved config.
+    :param modalities: the training data set's modalities.
+    :param num_classes: the number of classes (the vocabulary, for a language model).
+
+    Its ``forward(batch)`` returns ``logits``: [B, classes], or [B, T, classes] scored against
     ``batch["label"]`` [B, T] where -100 marks positions not scored.
     """
 
 
 @hookspec(firstresult=True)
 def plait_build_encoder(modality: str, config: PlaitConfig) -> torch.nn.Module | None:
-    """Return the encoder for ``modality``, or None if this plugin does not encode it.
+    """Return the encoder for ``modality``, or None if this plugin does not encode it. First
+    result wins.
 
-    First non-None result wins. The module has an ``out_dim`` attribute and is called
-    as ``encoder(inputs)``, where ``inputs`` is the collated dict of that modality
-    (rows of samples that have it), and returns a float tensor [rows, out_dim].
+    :param modality: "text", "image" or "audio" (any name a data set provides).
+    :param config: the resolved config.
+
+    The module has an ``out_dim`` attribute and is called as ``encoder(inputs)``, where
+    ``inputs`` is the collated dict of that modality (rows of samples that have it), and
+    returns a float tensor [rows, out_dim].
     """
 
 
 @hookspec(firstresult=True)
 def plait_build_fusion(config: PlaitConfig, dims: dict[str, int]) -> torch.nn.Module | None:
-    """Return the module that fuses per-modality embeddings into one vector.
+    """Return the module that fuses per-modality embeddings into one vector. First result wins.
 
-    ``dims`` maps modality -> encoder ``out_dim``. Called as
-    ``fusion(embeddings, present)`` with dicts keyed by modality (embeddings
+    :param config: the resolved config.
+    :param dims: modality -> its encoder's ``out_dim``.
+
+    Called as ``fusion(embeddings, present)`` with dicts keyed by modality (embeddings
     [B, dim] with zeros where absent; present bool [B]); returns a dict with at least
     ``fused`` [B, out_dim]. The module has an ``out_dim`` attribute.
     """
@@ -112,106 +196,186 @@ def plait_build_fusion(config: PlaitConfig, dims: dict[str, int]) -> torch.nn.Mo
 
 @hookspec(firstresult=True)
 def plait_build_head(config: PlaitConfig, in_dim: int, num_classes: int) -> torch.nn.Module | None:
-    """Return the module that maps the fused vector [B, in_dim] to logits [B, num_classes]."""
+    """Return the module that maps the fused vector [B, in_dim] to logits [B, num_classes].
+    First result wins.
+
+    :param config: the resolved config.
+    :param in_dim: the fusion module's ``out_dim``.
+    :param num_classes: the number of classes.
+    """
 
 
 @hookspec
 def plait_configure_model(model: torch.nn.Module, config: PlaitConfig, plugins: Plugins) -> torch.nn.Module | None:
-    """Rewrite the assembled model, in plugin order (MoE swaps feed-forward blocks here; distillation
-    adds its projections and asks ``plugins`` for the teacher).
+    """Rewrite the assembled model: return a new model to replace it, or None after changing it
+    in place. Each plugin, chained: each gets the model the one before returned.
 
-    Return a new model to replace it, or None after changing it in place.
+    :param model: the model as built (not yet on the device, wrapped or sharded).
+    :param config: the resolved config.
+    :param plugins: the run's plugins: call other hooks (distillation asks for
+        ``plait_teacher``), keep per-run objects in ``plugins.stash``.
+
+    MoE swaps feed-forward blocks here; distillation adds its projections.
     """
 
 
 # ---------------------------------------------------------------------- train
 @hookspec
 def plait_fit_start(state: RunState) -> None:
-    """Training is about to start: model, optimizer and data are built."""
+    """Training is about to start: model, optimizer and data are built (and a resumed run's
+    state restored). Each plugin.
+
+    :param state: the run state; ``state.step`` is where training starts.
+    """
 
 
 @hookspec
 def plait_epoch_start(state: RunState) -> None:
-    """An epoch (``state.epoch``) is about to start."""
+    """An epoch (``state.epoch``) is about to start. Each plugin.
+
+    :param state: the run state.
+    """
 
 
 @hookspec
-def plait_batch_start(state: RunState, batch: dict) -> None:
-    """A training batch is about to go through the model."""
+def plait_batch_start(state: RunState, batch: dict[str, Any]) -> None:
+    """An optimizer step is about to start: once a step, with its first batch (a step has
+    ``run.grad_accumulation`` batches). A skipped step is tried again with the next batches,
+    so the same ``state.step`` can start twice. Each plugin.
+
+    :param state: the run state; ``state.step`` counts the steps done.
+    :param batch: the step's first batch, on the device.
+    """
 
 
 @hookspec
-def plait_loss_terms(state: RunState, batch: dict, outputs: dict) -> dict[str, torch.Tensor] | None:
-    """Return named scalar loss terms for this batch, or None.
+def plait_loss_terms(state: RunState, batch: dict[str, Any], outputs: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """Return named scalar loss terms for this batch, or None. Each plugin, for every batch.
 
-    Every plugin may contribute; the loop sums all terms, backpropagates the sum and logs
-    each term under its name. Two plugins returning the same name is an error.
+    :param state: the run state.
+    :param batch: the batch, on the device.
+    :param outputs: what the model returned for it (``logits`` and the modules' extras).
+
+    The loop sums all terms, backpropagates the sum and logs each term under its name. Two
+    plugins returning the same name is an error.
     """
 
 
 @hookspec
 def plait_train_metrics(state: RunState) -> dict[str, float] | None:
     """Return values to log with this training row (every ``run.log_every`` steps), e.g. an
-    average since the last row. Each worker's values are averaged over the workers."""
+    average since the last row. Each plugin, on every worker; each value is averaged over the
+    workers.
+
+    :param state: the run state.
+    """
 
 
 @hookspec
 def plait_after_backward(state: RunState) -> None:
-    """Gradients exist and the optimizer has not stepped yet (inspect or clip them here)."""
+    """Gradients of the whole step exist (summed over its batches and averaged over the
+    workers, unscaled under fp16) and are not clipped yet: inspect them here. The core then
+    clips them to ``run.grad_clip`` and skips the step if they are not finite. Each plugin.
+
+    :param state: the run state.
+    """
 
 
 @hookspec
-def plait_batch_end(state: RunState, batch: dict, outputs: dict, loss: torch.Tensor) -> None:
-    """The optimizer stepped for this batch. Called in reverse plugin order."""
+def plait_batch_end(state: RunState, batch: dict[str, Any], outputs: dict[str, Any], loss: torch.Tensor) -> None:
+    """The optimizer stepped and ``state.step`` counts it. Not called for a skipped step (a
+    loss term or the gradient norm was not finite). Each plugin, in reverse.
+
+    :param state: the run state.
+    :param batch: the step's last batch.
+    :param outputs: the model's outputs for that batch.
+    :param loss: that batch's summed loss (not divided by the accumulation).
+    """
 
 
 @hookspec
 def plait_epoch_end(state: RunState) -> None:
-    """An epoch ended; ``state.metrics`` holds its validation metrics. Reverse order."""
+    """An epoch ended, before its checkpoint is written; ``state.metrics["val"]`` holds its
+    validation metrics. Each plugin, in reverse.
+
+    :param state: the run state.
+    """
 
 
 @hookspec
 def plait_fit_end(state: RunState) -> None:
-    """Training ended and test metrics are in ``state.metrics``. Reverse plugin order."""
+    """Training ended; ``state.metrics["test"]`` holds the test metrics by modality and
+    ``state.metrics["run"]`` what ``metrics.json`` holds. Each plugin, in reverse.
+
+    :param state: the run state.
+    """
 
 
 # ----------------------------------------------------------------------- eval
 @hookspec
-def plait_eval_batch(state: RunState, batch: dict, outputs: dict) -> None:
-    """An evaluation batch went through the model (accumulate custom metrics here)."""
+def plait_eval_batch(state: RunState, batch: dict[str, Any], outputs: dict[str, Any], split: str,
+                     modalities: tuple[str, ...]) -> None:
+    """An evaluation batch went through the model: accumulate custom metrics here. Each plugin.
+
+    :param state: the run state.
+    :param batch: the batch, on the device; modalities not evaluated are marked absent.
+    :param outputs: the model's outputs.
+    :param split: "val" or "test" (``plait eval`` evaluates "test", or its ``--data``).
+    :param modalities: the modalities this pass uses: all of the model's, or one alone.
+    """
 
 
 @hookspec
-def plait_eval_metrics(state: RunState, metrics: dict[str, float]) -> dict[str, float] | None:
-    """Return extra metrics for the evaluation that just ended, merged into the results.
+def plait_eval_metrics(state: RunState, metrics: dict[str, float], split: str,
+                       modalities: tuple[str, ...]) -> dict[str, float] | None:
+    """Return extra metrics for the evaluation that just ended, merged into the results. Each plugin.
 
-    ``metrics`` holds the core's own (accuracy, loss, samples), already summed over workers."""
+    :param state: the run state.
+    :param metrics: the core's own (accuracy, loss, samples), already summed over workers.
+    :param split: "val" or "test".
+    :param modalities: the modalities this pass used (see ``plait_eval_batch``).
+    """
 
 
 # ----------------------------------------------------------------- checkpoint
 @hookspec
-def plait_state_dict(state: RunState) -> dict | None:
-    """Return this plugin's state to save with a checkpoint (tensors and JSON values)."""
+def plait_state_dict(state: RunState) -> dict[str, Any] | None:
+    """Return this plugin's state to save with a checkpoint (tensors and JSON values), or None.
+    Each plugin, on every worker (rank 0's is saved).
+
+    :param state: the run state.
+    """
 
 
 @hookspec
-def plait_load_state_dict(state: RunState, data: dict) -> None:
-    """Restore this plugin's state from what its ``plait_state_dict`` returned."""
+def plait_load_state_dict(state: RunState, data: dict[str, Any]) -> None:
+    """Restore this plugin's state from what its ``plait_state_dict`` returned. Each plugin whose
+    state the checkpoint holds, before ``plait_fit_start``.
+
+    :param state: the run state, its step and epoch already restored.
+    :param data: what this plugin's ``plait_state_dict`` returned.
+    """
 
 
 @hookspec
 def plait_checkpoint_saved(state: RunState, path: Path) -> None:
-    """A checkpoint folder ``path`` is complete on disk (main process only): copy it
-    elsewhere, announce it. Remote run folders (``run.runs_dir: s3://...``) upload it here."""
+    """A checkpoint folder is complete on disk: copy it elsewhere, announce it. Each plugin,
+    main process only. Remote run folders (``run.runs_dir: s3://...``) upload it here.
+
+    :param state: the run state.
+    :param path: the checkpoint folder, ``checkpoints/step-N``.
+    """
 
 
 # --------------------------------------------------------------------- output
 @hookspec
 def plait_log_metrics(metrics: dict[str, Any], step: int, state: RunState) -> None:
-    """Record a row of metrics (loggers: console, CSV, TensorBoard). Main process only.
+    """Record a row of metrics (loggers: console, CSV, TensorBoard). Each plugin, main process only.
 
-    ``metrics`` has ``split`` ("train" or "val"), ``step``, ``epoch`` and the values; the
-    core has already appended the row to ``metrics.jsonl``.
+    :param metrics: ``split`` ("train" or "val"), ``step``, ``epoch`` and the values; the core
+        has already appended the row to ``metrics.jsonl``.
+    :param step: the optimizer steps done.
+    :param state: the run state.
     """
 
 
@@ -219,13 +383,16 @@ def plait_log_metrics(metrics: dict[str, Any], step: int, state: RunState) -> No
 @hookspec
 def plait_compress(model: torch.nn.Module, job: CompressJob) -> torch.nn.Module | None:
     """Return ``model`` compressed (quantized, pruned, distilled into a student...), or None to
-    leave it as it is. ``plait compress RUN_DIR [compress.yaml]`` chains the plugins in order:
-    each gets what the one before returned.
+    leave it as it is. Each plugin, chained: ``plait compress RUN_DIR [compress.yaml]`` hands each
+    what the one before returned.
 
-    ``job.config`` holds the plugins' options (compress.yaml's blocks over the run's config);
-    ``job.calibration_batches(n)`` gives validation batches; ``job.source`` is the trained run
-    (a teacher). A plugin whose change must be redone when the model is rebuilt (quantized layers
-    are made before the stored int8 weights load) records it in the new folder's config with
+    :param model: the model so far (a copy of the trained one, for the first plugin).
+    :param job: ``job.config`` holds the plugins' options (compress.yaml's blocks over the run's
+        config); ``job.calibration_batches(n)`` gives validation batches; ``job.source`` is the
+        trained run (a teacher).
+
+    A plugin whose change must be redone when the model is rebuilt (quantized layers are made
+    before the stored int8 weights load) records it in the new folder's config with
     ``job.set_plugin_options`` and redoes it in ``plait_configure_model``; ``job.notes`` lines go
     into report.md.
     """
@@ -233,7 +400,9 @@ def plait_compress(model: torch.nn.Module, job: CompressJob) -> torch.nn.Module 
 
 @hookspec(firstresult=True)
 def plait_teacher(config: PlaitConfig) -> torch.nn.Module | None:
-    """Return a frozen teacher for distillation (``eval()``, no gradients), or None.
+    """Return a frozen teacher for distillation (``eval()``, no gradients), or None. First result wins.
+
+    :param config: the student's resolved config.
 
     Its ``forward(batch)`` takes the student's batches and returns a dict with ``logits``
     (and ``rows``, the batch rows they score, when not all), or no ``logits`` when it has no
@@ -246,19 +415,22 @@ def plait_teacher(config: PlaitConfig) -> torch.nn.Module | None:
 
 # --------------------------------------------------------------------- launch
 @hookspec
-def plait_runtime_env(config: PlaitConfig) -> dict | None:
+def plait_runtime_env(config: PlaitConfig) -> dict[str, Any] | None:
     """Return what a Ray job of this config needs from this plugin, as a Ray runtime env
-    fragment: ``pip`` (list of requirements), ``py_modules`` (local paths or wheels),
-    ``env_vars`` (dict). ``plait launch`` merges every plugin's fragment into the job's.
+    fragment, or None. Each plugin; ``plait launch`` merges the fragments into the job's.
+
+    :param config: the resolved config.
+
+    Keys: ``pip`` (list of requirements), ``py_modules`` (local paths or wheels), ``env_vars`` (dict).
     """
 
 
 # ------------------------------------------------------------------------ cli
 @hookspec
 def plait_register_commands(subparsers: Any) -> None:
-    """Add subcommands to the ``plait`` CLI (``subparsers`` is argparse's).
+    """Add subcommands to the ``plait`` CLI. Each installed plugin, at every start of the CLI;
+    a plugin that raises here is reported and skipped.
 
-    Called at every start of the CLI for each installed plugin that implements it; a
-    plugin that raises here is reported and skipped. Set ``func`` on the parser with
-    ``parser.set_defaults(func=...)``; it receives the parsed arguments and returns an exit code.
+    :param subparsers: argparse's subparsers action. Set ``func`` on a parser with
+        ``parser.set_defaults(func=...)``; it receives the parsed arguments and returns an exit code.
     """

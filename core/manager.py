@@ -11,15 +11,19 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 
 from . import hookspecs
 from .errors import PluginError, nearest
+from .stash import Stash
+
+__all__ = ["Hook", "PluginInfo", "Plugins", "hook_name", "list_plugins"]
 
 ENTRY_POINT_GROUP = "plait"
 BUILTIN_PREFIX = "plait.plugins."
@@ -84,7 +88,7 @@ def _import(info: PluginInfo) -> ModuleType:
     dist = f" from {info.distribution} {info.version}" if info.distribution else ""
     try:
         module = importlib.import_module(info.module.split(":")[0])
-    except Exception as exc:  # noqa: BLE001 - any import failure is the plugin's, reported by name
+    except Exception as exc:
         raise PluginError(
             f"plugin '{info.name}'{dist} failed to import: {type(exc).__name__}: {exc}"
         ) from exc
@@ -104,31 +108,47 @@ def check_api(who: str, wanted: str | None) -> None:
         raise PluginError(f"{who}: PLAIT_API {wanted!r} is not a version range (e.g. '>=1.1,<2')") from None
     if hookspecs.API_VERSION not in supported:
         raise PluginError(f"{who} supports the plait plugin API {wanted}, but this plait has API "
-                          f"{hookspecs.API_VERSION}: install a release of the plugin made for it, or a plait it supports")
+                          f"{hookspecs.API_VERSION}: install a release of the plugin made for it, "
+                          "or a plait it supports")
 
 
-def _call(impl: pluggy.HookImpl, hook_name: str, kwargs: dict[str, Any]) -> Any:
+#: A hook as the loop calls it: the hookspec function itself (``hookspecs.plait_fit_start``), which
+#: an editor follows to its contract; its name is accepted too, for plugins written before 1.4.
+Hook = Callable[..., Any] | str
+
+
+def hook_name(hook: Hook) -> str:
+    return hook if isinstance(hook, str) else hook.__name__
+
+
+def _call(impl: pluggy.HookImpl, name: str, kwargs: dict[str, Any]) -> Any:
     try:
         return impl.function(*[kwargs[a] for a in impl.argnames])
     except Exception as exc:
-        exc.add_note(f"in plugin '{impl.plugin_name}', hook '{hook_name}'")
+        exc.add_note(f"in plugin '{impl.plugin_name}', hook '{name}'")
         raise
 
 
 class Plugins:
-    """The plugins of one run, registered with pluggy in YAML order."""
+    """The plugins of one run, in YAML order, and what they keep for the run (``stash``).
+
+    Every call goes through this class, one implementation at a time, in the order
+    ``plait plugins --order`` prints: *start* and first-result hooks in YAML order, *end* hooks
+    (``hookspecs.REVERSED_HOOKS``) in reverse; ``tryfirst``/``trylast`` move an implementation to
+    the front or back. pluggy's wrappers (``wrapper=True``, ``hookwrapper=True``) are refused when
+    a plugin loads: there is no call of the whole chain for them to wrap.
+    """
 
     def __init__(self) -> None:
-        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self.pm.add_hookspecs(hookspecs)
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self._pm.add_hookspecs(hookspecs)
         self.order: list[str] = []
         self.infos: dict[str, PluginInfo] = {}
+        #: Per-run objects of the plugins (a distillation's teacher): ``plugins.stash[KEY]``.
+        self.stash = Stash()
+        self._ordered: dict[str, list[pluggy.HookImpl]] = {}
 
-    @property
-    def hook(self) -> Any:
-        return self.pm.hook
-
-    def load(self, names: Iterable[str]) -> "Plugins":
+    def load(self, names: Iterable[str]) -> Plugins:
         """Import and register ``names``; the first name runs first."""
         names = list(names)
         eps = discover()
@@ -142,63 +162,96 @@ class Plugins:
                 raise PluginError(f"unknown plugin '{name}'{nearest(name, eps)}; `plait plugins` lists them")
             modules.append((name, _import(info)))
             self.infos[name] = info
-        # pluggy calls the last registered implementation first: register in reverse.
-        for name, module in reversed(modules):
-            if self.pm.get_plugin(name) is None:
-                self.pm.register(module, name=name)
-        self._check_hook_names()
-        self.order.extend(names)
+        for name, module in modules:
+            if self._pm.get_plugin(name) is None:
+                self._add(module, name)
+                self.order.append(name)
         for name in names:
-            info = self.infos[name]
-            info.status = "loaded"
-            info.hooks = sorted(
-                impl_name for impl_name in dir(self.pm.get_plugin(name)) if impl_name.startswith("plait_")
-            )
+            self.infos[name].status = "loaded"
         return self
 
-    def _check_hook_names(self) -> None:
+    def register(self, plugin: object, name: str, source: str = "runner") -> None:
+        """Add a plugin object for this run (a runner's progress forwarding, its storage sync). It
+        runs before the config's plugins in start hooks and after them in end hooks: it wraps them."""
+        self.infos[name] = PluginInfo(name=name, source=source, module=type(plugin).__module__, status="loaded")
+        self._add(plugin, name)
+        self.order.insert(0, name)
+
+    def _add(self, plugin: object, name: str) -> None:
+        self._pm.register(plugin, name=name)
+        try:
+            self._check_hooks(name)
+        except PluginError:
+            self._pm.unregister(name=name)
+            raise
+        info = self.infos[name]
+        info.hooks = sorted(impl.name for impl in self._pm.get_hookcallers(plugin) or [])
+        self._ordered.clear()
+
+    def _check_hooks(self, plugin_name: str) -> None:
         known = [n for n in dir(hookspecs) if n.startswith("plait_")]
-        for name, caller in self.pm.hook.__dict__.items():
-            if name.startswith("plait_") and not caller.has_spec():
-                owners = ", ".join(impl.plugin_name for impl in caller.get_hookimpls())
-                raise PluginError(f"plugin '{owners}' implements unknown hook '{name}'{nearest(name, known)}")
+        for name, caller in vars(self._pm.hook).items():
+            if not name.startswith("plait_"):
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin_name != plugin_name:
+                    continue
+                if not caller.has_spec():
+                    raise PluginError(f"plugin '{plugin_name}' implements unknown hook '{name}'{nearest(name, known)}")
+                if impl.wrapper or impl.hookwrapper:
+                    raise PluginError(f"plugin '{plugin_name}': '{name}' is a pluggy wrapper, which plait does not "
+                                      "call (hooks run one plugin at a time); make it a plain @hookimpl")
 
-    def implementers(self, hook_name: str) -> list[str]:
-        """The plugins implementing ``hook_name``, in the order they are called."""
-        return [impl.plugin_name for impl in self._impls_in_order(hook_name)]
+    def implementers(self, hook: Hook) -> list[str]:
+        """The plugins implementing ``hook``, in the order they are called."""
+        return [impl.plugin_name for impl in self._in_order(hook_name(hook))]
 
-    def _impls_in_order(self, hook_name: str) -> list[pluggy.HookImpl]:
-        caller = getattr(self.pm.hook, hook_name)
-        impls = [i for i in caller.get_hookimpls() if not (i.hookwrapper or i.wrapper)]
-        # get_hookimpls lists the implementation pluggy calls last first.
-        return impls if hook_name in hookspecs.REVERSED_HOOKS else impls[::-1]
+    def _in_order(self, name: str) -> list[pluggy.HookImpl]:
+        found = self._ordered.get(name)
+        if found is None:
+            position = {plugin: i for i, plugin in enumerate(self.order)}
+            last = len(position)
+            impls = getattr(self._pm.hook, name).get_hookimpls()
+            if name in hookspecs.REVERSED_HOOKS:
+                key = lambda i: (not i.tryfirst, i.trylast, last - position.get(i.plugin_name, last))  # noqa: E731
+            else:
+                key = lambda i: (not i.tryfirst, i.trylast, position.get(i.plugin_name, last))  # noqa: E731
+            found = self._ordered[name] = sorted(impls, key=key)
+        return found
 
-    def call_each(self, hook_name: str, **kwargs: Any) -> dict[str, Any]:
+    def call_each(self, hook: Hook, **kwargs: Any) -> dict[str, Any]:
         """Call every implementation in its order; return {plugin name: result}.
 
         An exception gets a note naming the plugin and hook, so a traceback says who failed.
         """
+        name = hook_name(hook)
+        return {impl.plugin_name: _call(impl, name, kwargs) for impl in self._in_order(name)}
 
-        return {impl.plugin_name: _call(impl, hook_name, kwargs) for impl in self._impls_in_order(hook_name)}
-
-    def call_one(self, plugin_name: str, hook_name: str, **kwargs: Any) -> Any:
+    def call_one(self, plugin_name: str, hook: Hook, **kwargs: Any) -> Any:
         """Call one plugin's implementation of a hook (None if it has none)."""
-        for impl in self._impls_in_order(hook_name):
+        name = hook_name(hook)
+        for impl in self._in_order(name):
             if impl.plugin_name == plugin_name:
-                return _call(impl, hook_name, kwargs)
+                return _call(impl, name, kwargs)
         return None
 
-    def chain(self, hook_name: str, value_arg: str, **kwargs: Any) -> Any:
+    def chain(self, hook: Hook, value_arg: str, **kwargs: Any) -> Any:
         """Pass ``kwargs[value_arg]`` through every implementation in order; None keeps it."""
-        for impl in self._impls_in_order(hook_name):
-            result = _call(impl, hook_name, kwargs)
+        name = hook_name(hook)
+        for impl in self._in_order(name):
+            result = _call(impl, name, kwargs)
             if result is not None:
                 kwargs[value_arg] = result
         return kwargs[value_arg]
 
-    def first(self, hook_name: str, **kwargs: Any) -> Any:
-        """Result of a first-result hook, or None when no plugin answered."""
-        return getattr(self.pm.hook, hook_name)(**kwargs)
+    def first(self, hook: Hook, **kwargs: Any) -> Any:
+        """The first non-None result of a first-result hook, or None when no plugin answered."""
+        name = hook_name(hook)
+        for impl in self._in_order(name):
+            result = _call(impl, name, kwargs)
+            if result is not None:
+                return result
+        return None
 
 
 def list_plugins(extra: Iterable[str] = ()) -> list[PluginInfo]:

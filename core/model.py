@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 
+from . import hookspecs
 from .config import PlaitConfig
 from .errors import PluginError
 from .manager import Plugins
@@ -72,10 +73,10 @@ class MultimodalModel(nn.Module):
                 touched = touch(encoder)
                 if touched is not None:
                     idle.append(touched)
-            emb = torch.zeros(size, encoder.out_dim, device=mask.device,
+            emb = torch.zeros(size, int(cast(Any, encoder).out_dim), device=mask.device,
                               dtype=encoded.dtype if encoded is not None else torch.float32)
             embeddings[modality] = emb.index_copy(0, rows, encoded) if encoded is not None else emb
-        outputs = self.fusion(embeddings, {m: present[m] for m in self.encoders})
+        outputs: dict[str, Any] = self.fusion(embeddings, {m: present[m] for m in self.encoders})
         logits = self.head(outputs["fused"])
         outputs["logits"] = logits + torch.stack(idle).sum() if idle else logits
         return outputs
@@ -89,7 +90,8 @@ class MultimodalModel(nn.Module):
         was_training = encoder.training
         encoder.eval()
         try:
-            return encoder(example).float().sum() * 0.0
+            zero: torch.Tensor = encoder(example).float().sum() * 0.0
+            return zero
         finally:
             encoder.train(was_training)
 
@@ -121,12 +123,14 @@ def leaves_parameters_unused(model: nn.Module) -> bool:
 
 def build_model(plugins: Plugins, config: PlaitConfig, modalities: tuple[str, ...], num_classes: int) -> nn.Module:
     """Ask the plugins for the model (or its encoders, fusion and head), then let them rewrite it."""
-    whole = plugins.first("plait_build_model", config=config, modalities=modalities, num_classes=num_classes)
+    whole = plugins.first(hookspecs.plait_build_model, config=config, modalities=modalities, num_classes=num_classes)
     if whole is not None:
-        return plugins.chain("plait_configure_model", "model", model=whole, config=config, plugins=plugins)
+        configured: nn.Module = plugins.chain(hookspecs.plait_configure_model, "model", model=whole, config=config,
+                                              plugins=plugins)
+        return configured
     encoders = {}
     for modality in modalities:
-        encoder = plugins.first("plait_build_encoder", modality=modality, config=config)
+        encoder = plugins.first(hookspecs.plait_build_encoder, modality=modality, config=config)
         if encoder is None:
             log.warning("no plugin encodes modality '%s'; it is ignored", modality)
             continue
@@ -137,17 +141,18 @@ def build_model(plugins: Plugins, config: PlaitConfig, modalities: tuple[str, ..
             "add text_encoder, image_encoder or audio_encoder to plugins:"
         )
     dims = {m: int(e.out_dim) for m, e in encoders.items()}
-    fusion = plugins.first("plait_build_fusion", config=config, dims=dims)
+    fusion = plugins.first(hookspecs.plait_build_fusion, config=config, dims=dims)
     if fusion is None:
         raise PluginError("no plugin builds a fusion module; add 'fusion' to plugins:")
-    head = plugins.first("plait_build_head", config=config, in_dim=int(fusion.out_dim), num_classes=num_classes)
+    head = plugins.first(hookspecs.plait_build_head, config=config, in_dim=int(fusion.out_dim), num_classes=num_classes)
     if head is None:
         raise PluginError("no plugin builds a classification head; add 'fusion' to plugins:")
-    model = MultimodalModel(encoders, fusion, head)
-    return plugins.chain("plait_configure_model", "model", model=model, config=config, plugins=plugins)
+    assembled: nn.Module = plugins.chain(hookspecs.plait_configure_model, "model",
+                                         model=MultimodalModel(encoders, fusion, head), config=config, plugins=plugins)
+    return assembled
 
 
-def cpu_latency_ms(model: torch.nn.Module, batch: dict, size: int) -> float:
+def cpu_latency_ms(model: torch.nn.Module, batch: dict[str, Any], size: int) -> float:
     """Median forward time (ms) of ``size`` samples of ``batch`` (rows repeated as needed), one thread,
     on the model's device as it is: how report.md files compare models."""
     rows = torch.arange(size) % batch["label"].shape[0]

@@ -1,6 +1,7 @@
-"""The run state: what every training and evaluation hook sees."""
+"""The run state: what every training and evaluation hook sees, and what compression shares."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,28 +13,34 @@ if TYPE_CHECKING:
     from .manager import Plugins
 
 
-@dataclass
+__all__ = ["CompressJob", "RunState"]
+
+
+@dataclass(kw_only=True)
 class RunState:
+    """One run as the hooks see it. ``optimizer`` and ``scheduler`` exist while ``fit`` trains;
+    a run folder loaded for evaluation or compression has neither."""
+
     config: PlaitConfig
     plugins: Plugins
     run_dir: Path
     device: torch.device
+    model: torch.nn.Module  # as trained: wrapped by DDP or sharded by FSDP (``distributed.unwrap``)
     classes: list[str] = field(default_factory=list)
     modalities: tuple[str, ...] = ()
-    model: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
-    scheduler: Any = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     step: int = 0
     epoch: int = 0
     total_steps: int = 0
     steps_per_epoch: int = 0  # optimizer steps
     batches_per_epoch: int = 0  # batches of this worker (several per step with gradient accumulation)
-    scaler: Any = None  # torch.amp.GradScaler for fp16
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
     #: Latest metrics by group: {"train": {...}, "val": {...}, "test": {...}}.
     metrics: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
-    lockstep: bool = False  # see core.loop.Distributed.lockstep
+    lockstep: bool = False  # see core.distributed.Distributed.lockstep
     #: Which plugin returned each loss term (for messages).
     loss_owners: dict[str, str] = field(default_factory=dict)
     #: Optimizer steps skipped because a loss or gradient was not finite.
@@ -60,11 +67,11 @@ class CompressJob:
     source_dir: Path
     out_dir: Path
     #: ``calibration_batches(n)``: up to ``n`` validation batches of 32, on the model's device.
-    calibration_batches: Any = None
+    calibration_batches: Callable[[int], list[dict[str, Any]]]
+    #: ``resolve(raw)`` -> (config, plugins): validates a changed raw config (set by plait compress).
+    resolve: Callable[[dict[str, Any]], tuple[PlaitConfig, Plugins]]
     #: Lines for report.md: what each step did.
     notes: list[str] = field(default_factory=list)
-    #: ``resolve(raw)`` -> (config, plugins): validates a changed raw config (set by plait compress).
-    resolve: Any = None
 
     def set_plugin_options(self, plugin: str, options: dict[str, Any]) -> None:
         """Write ``plugin``'s block of the new run folder's config (and re-validate it)."""

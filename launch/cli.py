@@ -13,24 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from plait.core import __version__
-from plait.core.config import PlaitConfig, load_config, resolve
+from plait.core import __version__, hookspecs, manager
+from plait.core.config import load_config
 from plait.core.errors import ConfigError, PlaitError
-from plait.core import manager
 from plait.core.manager import BUILTIN_PREFIX, Plugins, list_plugins
+from plait.core.runs import load, prepare
 
 EXIT_USAGE = 2
-
-
-def prepare(data: dict[str, Any], source: str) -> tuple[PlaitConfig, Plugins]:
-    """Load the plugins a raw config names and validate it against their schemas."""
-    plugins = Plugins().load(data["plugins"])
-    schemas = plugins.call_each("plait_config_schema")
-    return resolve(data, schemas, source), plugins
-
-
-def load(path: str, overrides: list[str]) -> tuple[PlaitConfig, Plugins]:
-    return prepare(load_config(path, overrides), str(path))
 
 
 def print_results(title: str, results: dict[str, dict[str, float]]) -> None:
@@ -112,7 +101,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         table.add_column(column)
     for info in infos:
         status = info.status if not info.error else f"{info.status}: {info.error}"
-        table.add_row(info.name, info.source, info.distribution or "", info.version or "", status, ", ".join(info.hooks))
+        table.add_row(info.name, info.source, info.distribution or "", info.version or "", status,
+                      ", ".join(info.hooks))
     Console().print(table)
     return 0
 
@@ -267,9 +257,8 @@ def register_plugin_commands(subparsers: Any) -> None:
             continue
         try:
             plugins = Plugins().load([name])
-            if "plait_register_commands" in plugins.infos[name].hooks:
-                plugins.call_each("plait_register_commands", subparsers=subparsers)
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
+            plugins.call_each(hookspecs.plait_register_commands, subparsers=subparsers)
+        except Exception as exc:
             print(f"plait: warning: plugin '{name}' could not add its commands: {exc}", file=sys.stderr)
 
 
@@ -295,7 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("plait: interrupted", file=sys.stderr)
         return 130
-
 
 
 if __name__ == "__main__":

@@ -19,19 +19,22 @@ from typing import Any
 
 import torch
 
-from plait.core import checkpoint
+from plait.core import checkpoint, hookspecs
 from plait.core.config import load_config, merge
+from plait.core.data import build_dataset, make_loader, move
 from plait.core.errors import ConfigError, DataError
-from plait.core.loop import RUN_INFO, build_dataset, evaluate_by_modality, make_loader, move
+from plait.core.evaluation import evaluate_by_modality
+from plait.core.files import write_json_atomic, write_text_atomic
 from plait.core.model import cpu_latency_ms
+from plait.core.runs import RUN_INFO, load_run, prepare
 from plait.core.state import CompressJob, RunState
-from plait.launch.evaluate import load_run
 
 CALIBRATION_BATCH = 32
 
 
 def _size_mib(run_dir: Path) -> float:
     newest = checkpoint.latest(run_dir / "checkpoints")
+    assert newest is not None  # load_run refused a folder without one
     return (newest / "model.safetensors").stat().st_size / 2**20
 
 
@@ -39,6 +42,7 @@ def _test_loader(state: RunState):
     dataset = build_dataset(state.plugins, state.config, "test")
     if dataset is None:
         raise DataError(f"{state.run_dir}: the run's data set has no test split to measure the compression on")
+    assert state.config.run.eval_batch_size is not None  # RunSettings fills it in
     return make_loader(dataset, state.config.run.eval_batch_size, False, state.config.run.seed, 0)
 
 
@@ -49,6 +53,9 @@ def _calibration(state: RunState, config, plugins):
     def batches(n: int) -> list[dict]:
         if len(cache) < n:
             dataset = build_dataset(plugins, config, "val") or build_dataset(plugins, config, "test")
+            if dataset is None:
+                raise DataError(f"{state.run_dir}: the run's data set has neither a val nor a test split to "
+                                "calibrate with")
             loader = make_loader(dataset, CALIBRATION_BATCH, False, config.run.seed, 0)
             cache[:] = [move(b, state.device) for b in islice(loader, n)]
         return cache[:n]
@@ -65,8 +72,6 @@ def _measure(state: RunState, batch: dict) -> dict[str, Any]:
 
 def compress_run(run_dir: Path, spec_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Compress the run in ``run_dir``; return the before/after figures and the new folder."""
-    from plait.launch.cli import prepare
-
     if not run_dir.is_dir():
         raise DataError(f"{run_dir}: no such run folder")
     _, _, source = load_run(run_dir)
@@ -78,7 +83,7 @@ def compress_run(run_dir: Path, spec_path: str | None = None, overrides: list[st
     merged["run"]["name"] = spec.get("run", {}).get("name", f"{run_dir.resolve().name}-compressed")
     merged["run"]["runs_dir"] = spec.get("run", {}).get("runs_dir", str(run_dir.parent))
     config, plugins = prepare(merged, str(spec_path or run_dir / "config.yaml"))
-    if not plugins.implementers("plait_compress"):
+    if not plugins.implementers(hookspecs.plait_compress):
         merged["plugins"]["quantize"] = {}
         config, plugins = prepare(merged, str(spec_path or run_dir / "config.yaml"))
     out_dir = Path(config.run.runs_dir) / config.run.name
@@ -92,14 +97,16 @@ def compress_run(run_dir: Path, spec_path: str | None = None, overrides: list[st
                       calibration_batches=_calibration(source, config, plugins),
                       resolve=lambda r: prepare(r, str(spec_path or run_dir / "config.yaml")))
     model = copy.deepcopy(source.model)  # the source model stays as trained, for report.md
-    model = plugins.chain("plait_compress", "model", model=model, job=job).eval()
+    model = plugins.chain(hookspecs.plait_compress, "model", model=model, job=job).eval()
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(job.config.to_yaml())
+    write_text_atomic(out_dir / "config.yaml", job.config.to_yaml())
     info = json.loads((run_dir / RUN_INFO).read_text())
     info["compressed_from"] = str(run_dir.resolve())
-    (out_dir / RUN_INFO).write_text(json.dumps(info, indent=1))
-    step = int(checkpoint.latest(run_dir / "checkpoints").name.removeprefix(checkpoint.PREFIX))
+    write_json_atomic(out_dir / RUN_INFO, info)
+    newest = checkpoint.latest(run_dir / "checkpoints")
+    assert newest is not None  # load_run refused a folder without one
+    step = int(newest.name.removeprefix(checkpoint.PREFIX))
     try:
         checkpoint.save(out_dir / "checkpoints", step, model.state_dict(), {}, keep=1)
         _, _, reloaded = load_run(out_dir)
@@ -132,9 +139,9 @@ def report(source_dir: Path, out_dir: Path, before: dict, after: dict, notes: li
                                ("latency_bs32_ms", "latency batch 32 (ms)", "faster")):
         lines.append(f"| {label} | {before[key]:.2f} | {after[key]:.2f} | {before[key] / after[key]:.2f}x {better} |")
     if after["latency_bs1_ms"] > before["latency_bs1_ms"] or after["latency_bs32_ms"] > before["latency_bs32_ms"]:
-        lines += ["", "Slower where the ratio is below 1x: with little data per layer (batch 1), converting "
+        lines += ["", ("Slower where the ratio is below 1x: with little data per layer (batch 1), converting "
                   "activations to and from int8 around each quantized layer costs more than the int8 arithmetic "
-                  "saves."]
+                  "saves.")]
     lines += ["", "| test accuracy | before | after | change |", "|---|---:|---:|---:|"]
     for modality, metrics in before["accuracy"].items():
         a, b = metrics["accuracy"], after["accuracy"][modality]["accuracy"]

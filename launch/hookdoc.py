@@ -19,10 +19,10 @@ def hook_names() -> list[str]:
 def _entry(name: str) -> str:
     function = getattr(hookspecs, name)
     options = getattr(function, "plait_spec", {}) or {}
-    kind = ["first result: the first plugin (in YAML order) that returns non-None wins"] if options.get("firstresult") \
-        else ["reverse plugin order"] if name in hookspecs.REVERSED_HOOKS else ["plugin order"]
+    kind = "first result wins" if options.get("firstresult") \
+        else "each plugin, in reverse" if name in hookspecs.REVERSED_HOOKS else "each plugin"
     signature = str(inspect.signature(function)).replace("'", "")
-    return f"### `{name}{signature}`\n\n*{kind[0]}*\n\n{inspect.cleandoc(function.__doc__ or '')}\n"
+    return f"### `{name}{signature}`\n\n*{kind}*\n\n{inspect.cleandoc(function.__doc__ or '')}\n"
 
 
 def hook_reference(name: str | None = None) -> str:
@@ -32,10 +32,31 @@ def hook_reference(name: str | None = None) -> str:
         if name not in names:
             raise PluginError(f"no hook '{name}'{nearest(name, names)}; `plait hooks` lists them")
         return _entry(name)
-    intro = inspect.cleandoc(hookspecs.__doc__ or "")
+    intro = _fenced(inspect.cleandoc(hookspecs.__doc__ or ""))
     header = (f"# Hook reference (plugin API {hookspecs.API_VERSION})\n\n"
               "Generated from `core/hookspecs.py` by `plait hooks > docs/hooks.md`; a test keeps it in sync.\n\n")
     return header + intro + "\n\n" + "\n".join(_entry(n) for n in names)
+
+
+def _fenced(text: str) -> str:
+    """The docstring's ``.. code-block:: text`` (the loop's drawing) as a markdown code fence."""
+    out: list[str] = []
+    inside = False
+    for line in text.splitlines():
+        if line.strip() == ".. code-block:: text":
+            out.append("```text")
+            inside = True
+        elif inside and line and not line.startswith(" "):  # the block ends
+            while out[-1] == "":
+                out.pop()
+            out += ["```", "", line]
+            inside = False
+        elif inside:
+            if line or out[-1] != "```text":
+                out.append(line[4:])
+        else:
+            out.append(line)
+    return "\n".join(out)
 
 
 def hook_order(plugins: Plugins) -> dict[str, list[str]]:

@@ -9,17 +9,18 @@ written to a temporary name and renamed, so it is never half there.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, TextIO
 
 import yaml
 
-from plait.core.config import resolve
+from plait.core import hookspecs
 from plait.core.errors import ConfigError, DataError, PluginError
-from plait.core.manager import Plugins
+from plait.core.files import replaced_atomically
+from plait.core.runs import prepare
 
 ALIASES = {"legal": "legal_rag"}  # the command's short names for plugins
 
@@ -48,10 +49,8 @@ def option_pairs(tokens: list[str]) -> dict[str, Any]:
 
 def build_transforms(name: str, options: dict[str, Any]) -> tuple[str, list[Callable[[dict], dict]]]:
     plugin = ALIASES.get(name, name)
-    plugins = Plugins().load([plugin])
-    config = resolve({"plugins": {plugin: options}}, plugins.call_each("plait_config_schema"),
-                     f"plait preprocess {name}")
-    transforms = plugins.call_one(plugin, "plait_sample_transforms", config=config, split="test") or []
+    config, plugins = prepare({"plugins": {plugin: options}}, f"plait preprocess {name}")
+    transforms = plugins.call_one(plugin, hookspecs.plait_sample_transforms, config=config, split="test") or []
     if not transforms:
         raise PluginError(f"plugin '{plugin}' has no sample transform (plait_sample_transforms) to preprocess with")
     return plugin, transforms
@@ -91,7 +90,7 @@ def transform_line(number: int, raw: bytes, transforms: list[Callable[[dict], di
         return {"line": number, "error": "no 'text' field holding a string"}, "error"
     try:
         result = apply(transforms, sample)
-    except Exception as exc:  # noqa: BLE001 - one bad line must not stop the file
+    except Exception as exc:
         return {"line": number, "error": f"{type(exc).__name__}: {exc}"}, "error"
     if status == "replaced":
         result["warnings"] = [warning]
@@ -103,7 +102,7 @@ def run_preprocess(name: str, options: dict[str, Any], input_path: str | None, o
     plugin, transforms = build_transforms(name, options)
     if query is not None:
         result = apply(transforms, {"text": query})
-        field = next((getattr(t, "preview_field") for t in transforms if hasattr(t, "preview_field")), None)
+        field = next((t.preview_field for t in transforms if hasattr(t, "preview_field")), None)
         shown = result[field] if as_json and field else {k: v for k, v in result.items() if k != "text" or not as_json}
         print(json.dumps(shown, ensure_ascii=False, indent=None if as_json else 1))
         return 0
@@ -136,28 +135,14 @@ def run_preprocess(name: str, options: dict[str, Any], input_path: str | None, o
     return 1 if failed else 0
 
 
-class _output:
+@contextmanager
+def _output(path: str | None) -> Iterator[TextIO]:
     """stdout, or a file that appears (by rename) only once it is complete."""
-
-    def __init__(self, path: str | None) -> None:
-        self.path = None if path in (None, "-") else Path(path)
-
-    def __enter__(self):
-        if self.path is None:
-            return sys.stdout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, self.temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        self.file = os.fdopen(handle, "w", encoding="utf-8")
-        return self.file
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if self.path is None:
-            return
-        self.file.close()
-        if kind is None:
-            os.replace(self.temporary, self.path)
-        else:
-            os.unlink(self.temporary)
+    if path in (None, "-"):
+        yield sys.stdout
+        return
+    with replaced_atomically(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as file:
+        yield file
 
 
 def _progress(items: list[bytes], label: str, output_path: str | None) -> Iterator[bytes]:

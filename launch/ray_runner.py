@@ -19,16 +19,18 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from plait.core import checkpoint
 from plait.core.config import PlaitConfig
+from plait.core.distributed import Distributed, sync_buffers
 from plait.core.errors import ConfigError, PlaitError, PluginError
 from plait.core.hookspecs import hookimpl
-from plait.core.loop import Distributed, fit, sync_buffers
+from plait.core.loop import fit
 from plait.core.model import leaves_parameters_unused
+from plait.core.runs import prepare
 from plait.launch.storage import RemoteRuns, StorageSync, is_uri, staging_dir
 
 # An embedding at least this large sends sparse gradients (the rows a batch used) through DDP:
@@ -63,8 +65,8 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     fully_shard(model)
     # Every worker must issue the same gathers and reduce-scatters in the same order:
     if hasattr(model, "idle_encoders"):
-        model.idle_encoders = "run"  # an encoder runs even where a batch lacks its modality
-    model.set_reduce_scatter_unused_params(True)  # a weight unused in one worker's step sends zeros
+        cast(Any, model).idle_encoders = "run"  # an encoder runs even where a batch lacks its modality
+    cast(Any, model).set_reduce_scatter_unused_params(True)  # a weight unused in one worker's step sends zeros
     model.register_forward_pre_hook(broadcast_buffers)
     return model
 
@@ -78,7 +80,7 @@ def find_unused_parameters(model: torch.nn.Module, setting: str | bool) -> bool:
     if setting != "auto":
         return bool(setting)
     if hasattr(model, "idle_encoders"):
-        model.idle_encoders = "touch"
+        cast(Any, model).idle_encoders = "touch"
     return leaves_parameters_unused(model)
 
 
@@ -107,8 +109,6 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch as ray_torch
 
-    from plait.launch.cli import prepare
-
     torch.set_num_threads(loop_config["threads"])
     if os.path.isdir(loop_config["cwd"]):  # Ray starts workers in its own folder; relative paths are the user's
         os.chdir(loop_config["cwd"])
@@ -119,7 +119,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         remote = RemoteRuns(config.run.runs_dir, config.source)
         config.run.runs_dir = str(remote.stage(config.run.name, staging_dir(remote.uri, rank)).parent)
         if rank == 0:
-            plugins.pm.register(StorageSync(remote), name="plait-storage")
+            plugins.register(StorageSync(remote), name="plait-storage")
     strategy = config.scaling.strategy
 
     prepared: dict[str, torch.nn.Module] = {}
@@ -145,7 +145,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     if loop_config.get("progress") is not None:
         _send_nowait(loop_config["progress"], {"worker": {"rank": rank, **where_this_worker_logs()}})
         if rank == 0:
-            plugins.pm.register(ProgressForwarder(loop_config["progress"]), name="plait-ray-progress")
+            plugins.register(ProgressForwarder(loop_config["progress"]), name="plait-ray-progress")
     try:
         state = fit(config, plugins, dist)
     except RuntimeError as exc:
@@ -170,7 +170,7 @@ def where_this_worker_logs() -> dict[str, Any]:
 def _send_nowait(queue: Any, event: dict) -> None:
     try:
         queue.put_nowait(event)
-    except Exception:  # noqa: BLE001 - a full or gone queue must never stop training
+    except Exception:
         pass
 
 
@@ -222,7 +222,7 @@ def _show_progress(queue: Any, running: threading.Thread, workers: dict[int, dic
         while running.is_alive() or not queue.empty():
             try:
                 event = queue.get(timeout=1.0)  # a long poll: few round trips
-            except (Empty, Exception):  # noqa: BLE001 - the queue actor goes away with Ray
+            except (Empty, Exception):
                 continue
             if "worker" in event:
                 workers[event["worker"]["rank"]] = event["worker"]
@@ -403,7 +403,7 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
     def run() -> None:
         try:
             outcome["result"] = trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+        except BaseException as exc:
             outcome["error"] = exc
 
     if queue is None:

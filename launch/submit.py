@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from plait.core import __version__
+from plait.core import __version__, hookspecs
 from plait.core.config import PlaitConfig
 from plait.core.errors import ConfigError, PlaitError
 from plait.core.manager import Plugins
@@ -51,7 +51,7 @@ def client(address: str | None) -> Any:
     check_reachable(address)
     try:
         return JobSubmissionClient(address, headers=auth_headers())
-    except Exception as exc:  # noqa: BLE001 - connection and authentication errors, without the token
+    except Exception as exc:
         raise ConfigError(f"cannot use the Ray job server at {address}: {type(exc).__name__}: {exc}") from None
 
 
@@ -102,7 +102,7 @@ def build_wheel(into: Path) -> list[Path]:
 
 
 def runtime_env(config: PlaitConfig, plugins: Plugins, workdir: Path, modules: list[Path]) -> dict[str, Any]:
-    fragments = list(plugins.call_each("plait_runtime_env", config=config).values())
+    fragments = list(plugins.call_each(hookspecs.plait_runtime_env, config=config).values())
     base: dict[str, Any] = {"working_dir": str(workdir)}
     if modules:
         base["py_modules"] = [str(m) for m in modules]
@@ -146,7 +146,7 @@ def follow(jobs: Any, job_id: str) -> str:
 def rayjob_manifest(config: PlaitConfig, plugins: Plugins) -> str:
     """A KubeRay RayJob (and a ConfigMap with the resolved config) for ``kubectl apply -f``."""
     name = f"plait-{config.run.name}".lower().replace("_", "-")
-    fragments = merge_runtime_envs(list(plugins.call_each("plait_runtime_env", config=config).values()))
+    fragments = merge_runtime_envs(list(plugins.call_each(hookspecs.plait_runtime_env, config=config).values()))
     env = {**fragments, "pip": [f"plait=={__version__}", *fragments.get("pip", [])],
            "working_dir": None}
     env = {k: v for k, v in env.items() if v}

@@ -34,7 +34,8 @@ def resample(wave: torch.Tensor, rate: int, target: int = SAMPLE_RATE) -> torch.
     if rate == target:
         return wave
     with torch.no_grad():
-        return _resampler(rate, target)(wave)
+        resampled: torch.Tensor = _resampler(rate, target)(wave)
+    return resampled
 
 
 def trim_silence(wave: torch.Tensor, top_db: float = 30.0, margin_s: float = 0.05) -> torch.Tensor:
@@ -88,7 +89,7 @@ def coloured_noise(length: int, exponent: float, generator: torch.Generator | No
     size = _fast_length(length)
     spectrum = torch.fft.rfft(torch.randn(size, generator=generator))
     freqs = torch.arange(spectrum.shape[0], dtype=torch.float32).clamp(min=1.0)
-    noise = torch.fft.irfft(spectrum / freqs ** (exponent / 2), n=size)[:length]
+    noise: torch.Tensor = torch.fft.irfft(spectrum / freqs ** (exponent / 2), n=size)[:length]
     return noise / noise.pow(2).mean().sqrt().clamp(min=1e-8)
 
 
@@ -101,7 +102,8 @@ def convolve(wave: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """``wave`` convolved with ``kernel``, cut to ``wave``'s length (FFT at a fast size)."""
     size = _fast_length(wave.shape[-1] + kernel.shape[-1] - 1)
     product = torch.fft.rfft(wave, n=size) * torch.fft.rfft(kernel, n=size)
-    return torch.fft.irfft(product, n=size)[..., : wave.shape[-1]]
+    convolved: torch.Tensor = torch.fft.irfft(product, n=size)[..., : wave.shape[-1]]
+    return convolved
 
 
 def add_noise(wave: torch.Tensor, snr_db: float, exponent: float = 0.0,

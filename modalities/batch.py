@@ -2,7 +2,8 @@
 
 A batch is a dict: ``label`` [B], ``ids`` (list), ``present`` {modality: bool [B]} and
 ``inputs`` {modality: {...}} where every value has B rows (zeros or "" where absent):
-text -> ``text`` (list of str) and, when samples carry ``text_numbers``, ``numbers`` (list of float lists); image -> ``image`` [B, C, H, W];
+text -> ``text`` (list of str) and, when samples carry ``text_numbers``, ``numbers`` (list of float
+lists); image -> ``image`` [B, C, H, W];
 audio -> ``audio`` [B, T_max] zero-padded and ``lengths`` [B].
 """
 from __future__ import annotations

@@ -63,16 +63,17 @@ def load_image(path: str | Path, size: tuple[int, int], channels: int,
     if channels not in (1, 3):
         raise DataError(f"{path}: images load as 1 (grayscale) or 3 (RGB) channels, not {channels}")
     try:
-        with Image.open(path) as image:
-            image.seek(0)  # an animation's first frame
-            image = ImageOps.exif_transpose(image)  # as the camera held it
-            image = flatten(image, channels, background).resize((size[1], size[0]), Image.BILINEAR)
-            return v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True)
+        with Image.open(path) as file:
+            file.seek(0)  # an animation's first frame
+            upright = ImageOps.exif_transpose(file)  # as the camera held it
+            image = flatten(upright, channels, background).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            tensor: torch.Tensor = v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True)
+            return tensor
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: unreadable image: not a format Pillow knows") from None
-    except Exception as exc:  # noqa: BLE001 - decoders of damaged files raise many kinds (struct.error, ...)
+    except Exception as exc:
         raise DataError(f"{path}: unreadable image: {type(exc).__name__}: {exc}") from None
 
 
@@ -100,4 +101,5 @@ class ImageAugment:
         ])
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return self.transform(image)
+        augmented: torch.Tensor = self.transform(image)
+        return augmented

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import ctypes
 import io
+import itertools
 import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +63,7 @@ def speak(utterances: list[Utterance], progress: str | None = None) -> tuple[int
                         f"{child.returncode}; its error is on stderr above")
     with np.load(io.BytesIO(child.stdout), allow_pickle=False) as data:
         samples, offsets, rate = data["samples"], data["offsets"], int(data["rate"])
-    return rate, [samples[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
+    return rate, [samples[start:end] for start, end in itertools.pairwise(offsets)]
 
 
 class Espeak:
@@ -82,7 +84,7 @@ class Espeak:
         self._callback = callback_type(self._collect)  # keep a reference: C holds a pointer
         self.lib.espeak_SetSynthCallback(self._callback)
 
-    def _collect(self, wav, count, events) -> int:  # noqa: ANN001 - C callback
+    def _collect(self, wav: Any, count: int, events: Any) -> int:
         if count > 0:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
         return 0
@@ -113,9 +115,8 @@ def main() -> None:
         from rich.console import Console
         from rich.progress import track
 
-        utterances = track(utterances, description=request["progress"], console=Console(stderr=True),
-                           transient=True)
-    waves = [espeak.say(u) for u in utterances]
+        shown = track(utterances, description=request["progress"], console=Console(stderr=True), transient=True)
+    waves = [espeak.say(u) for u in (shown if request.get("progress") else utterances)]
     buffer = io.BytesIO()
     np.savez(buffer, samples=np.concatenate(waves) if waves else np.zeros(0, np.float32),
              offsets=np.cumsum([0] + [len(w) for w in waves]), rate=espeak.rate)

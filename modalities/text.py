@@ -9,8 +9,6 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
-from tokenizers.implementations import BertWordPieceTokenizer
-
 
 NUM_TOKEN = "[NUM]"  # a number in a text, its value carried beside it (finance's xval, text_encoder's numeric_channel)
 
@@ -31,7 +29,9 @@ class WordPieceTokenizer:
         if source.suffix == ".json":
             self.tokenizer = Tokenizer.from_file(str(source))
         else:
-            self.tokenizer = BertWordPieceTokenizer(str(source), lowercase=True)
+            from tokenizers.implementations.bert_wordpiece import BertWordPieceTokenizer  # a plain vocab.txt
+
+            self.tokenizer = BertWordPieceTokenizer(str(source), lowercase=True)._tokenizer
         self.tokenizer.enable_truncation(max_length)
         self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]") or 0)
         self.max_length = max_length
@@ -43,7 +43,9 @@ class WordPieceTokenizer:
     def add_special_token(self, token: str) -> int:
         """Make ``token`` one unsplittable piece (a new id past the vocabulary unless it is in it); its id."""
         self.tokenizer.add_special_tokens([token])
-        return self.tokenizer.token_to_id(token)
+        found = self.tokenizer.token_to_id(token)
+        assert found is not None  # just added
+        return found
 
     @property
     def vocabulary(self) -> str:
@@ -86,7 +88,7 @@ class ByteTokenizer:
 
 
 KEYBOARD_NEIGHBOURS = {
-    c: n for row in ("qwertyuiop", "asdfghjkl", "zxcvbnm") for c, n in zip(row, row[1:] + row[-2])
+    c: n for row in ("qwertyuiop", "asdfghjkl", "zxcvbnm") for c, n in zip(row, row[1:] + row[-2], strict=True)
 }
 
 

@@ -13,7 +13,7 @@ from plait.modalities.audio import LogMel, SpecAugment
 
 class AudioEncoderOptions(Options):
     n_mels: int = Field(40, ge=16)
-    channels: list[int] = [16, 32, 64, 128]
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])
     dim: int = Field(128, ge=8)
     spec_augment: bool = Field(True, description="training-only frequency warp and masks")
     freq_warp: float = Field(0.12, ge=0, lt=0.5, description="max relative stretch of the mel axis")

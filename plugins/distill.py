@@ -34,8 +34,9 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -43,10 +44,17 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from plait.core import checkpoint
-from plait.core.config import Options
+from plait.core import checkpoint, hookspecs
+from plait.core.config import Options, merge
+from plait.core.data import ShardSampler, build_dataset, make_loader, move
+from plait.core.distributed import unwrap
 from plait.core.errors import ConfigError, DataError, nearest
+from plait.core.evaluation import evaluate
 from plait.core.hookspecs import hookimpl
+from plait.core.loop import fit
+from plait.core.model import build_model, cpu_latency_ms
+from plait.core.runs import load_run
+from plait.core.stash import StashKey
 from plait.modalities.text import WordPieceTokenizer, masked_mean
 
 
@@ -162,7 +170,7 @@ class TransformersTeacher(nn.Module):
 def _width(module: nn.Module, where: str) -> int:
     """The feature width a module outputs: ``out_dim``, else that of its last layer with a known one."""
     if hasattr(module, "out_dim"):
-        return int(module.out_dim)
+        return int(cast(Any, module).out_dim)
     for layer in reversed(list(module.modules())):
         for attribute in ("out_features", "out_channels", "num_features", "embedding_dim"):
             if hasattr(layer, attribute):
@@ -208,7 +216,7 @@ class Distiller:
     """Computes the distillation terms in the student's forward (so that data-parallel training sees
     the projections used) and puts them in its outputs as ``distill``."""
 
-    def __init__(self, options: DistillOptions, teacher: nn.Module, student: nn.Module) -> None:
+    def __init__(self, options: DistillOptions, teacher: Any, student: nn.Module) -> None:
         self.options, self.teacher = options, teacher
         self.student_states: dict[str, torch.Tensor] = {}
         self.teacher_states: dict[str, torch.Tensor] = {}
@@ -276,18 +284,17 @@ class Distiller:
         modalities = self.options.embedding_modalities if self.options.embedding else []
         if self.options.cache and ids and all(i in self.cached for i in ids):
             device = batch["label"].device
-            logits, embeddings = zip(*(self.cached[i] for i in ids))
-            logits = torch.stack(logits).to(device) if logits[0] is not None else None
-            stacked = {m: torch.stack([e[m] for e in embeddings if m in e]).to(device) for m in modalities
-                       if any(m in e for e in embeddings)}
-            return logits, None, stacked
+            all_logits, all_embeddings = zip(*(self.cached[i] for i in ids), strict=True)
+            stacked = {m: torch.stack([e[m] for e in all_embeddings if m in e]).to(device) for m in modalities
+                       if any(m in e for e in all_embeddings)}
+            return (torch.stack(all_logits).to(device) if all_logits[0] is not None else None), None, stacked
         self.teacher.eval()  # whatever a caller did to it
         self.teacher_states.clear()
         out = self.teacher(batch)
         logits, rows = out.get("logits"), out.get("rows")
-        embeddings = {m: self.teacher.embedding if isinstance(self.teacher, TransformersTeacher)
-                      else self.teacher_states.get(f"embedding_{m}") for m in modalities}
-        embeddings = {m: e for m, e in embeddings.items() if e is not None}
+        found = {m: self.teacher.embedding if isinstance(self.teacher, TransformersTeacher)
+                 else self.teacher_states.get(f"embedding_{m}") for m in modalities}
+        embeddings = {m: e for m, e in found.items() if e is not None}
         if self.options.cache:
             if not ids or len(set(ids)) != len(ids) or rows is not None:
                 raise DataError("plugins.distill.cache: every sample needs its own id, and the teacher must score "
@@ -313,7 +320,7 @@ class Distiller:
                 mine = outputs["logits"]
             if mine.shape[0]:
                 terms["kd"] = kd_loss(mine, logits, options.temperature, options.alpha)
-        projections = student.distill
+        projections = cast(nn.ModuleDict, student.distill)
         hidden, embedding = [], []
         for i, pair in enumerate(options.hidden):
             key = f"hidden{i}"
@@ -325,23 +332,28 @@ class Distiller:
                 raise DataError(f"plugins.distill.hidden[{i}]: the student's '{pair.student}' gives {list(mine.shape)} "
                                 f"(projected), the teacher's '{pair.teacher}' {list(theirs.shape)}")
             owner = self.mask_owners[i]
-            mask = owner.attention_mask if owner is not None and mine.dim() == 3 else None
+            mask = cast(Any, owner).attention_mask if owner is not None and mine.dim() == 3 else None
             hidden.append(pair.weight * hidden_loss(mine, theirs, mask))
         for modality, theirs in embeddings.items():
             mine = self.student_states.get(f"embedding_{modality}")
             if mine is not None:
                 embedding.append(options.embedding * embedding_loss(projections[f"embedding_{modality}"](mine), theirs))
-        terms.update({name: sum(losses) for name, losses in (("hidden", hidden), ("embedding", embedding)) if losses})
+        terms.update({name: cast(torch.Tensor, sum(losses)) for name, losses in (("hidden", hidden),
+                                                                                 ("embedding", embedding)) if losses})
         outputs["distill"] = terms
         return outputs
 
 
+@dataclass
 class _Teacher:
-    """The teacher of the run this process trains."""
+    """The teacher of one run (in that run's ``plugins.stash``)."""
 
-    model: nn.Module | None = None
+    model: nn.Module
     identity: str | None = None
     resumed: str | None = None  # the teacher a resumed run's checkpoint names
+
+
+TEACHER = StashKey[_Teacher]()
 
 
 def _is_transformers_folder(folder: Path) -> bool:
@@ -384,11 +396,10 @@ def plait_teacher(config):
     folder = Path(options.teacher)
     if folder.is_dir() and _is_transformers_folder(folder):
         return TransformersTeacher(folder, options.max_length).eval().requires_grad_(False)
-    from plait.launch.evaluate import load_run  # the same rebuilding `plait eval` does
 
     _teacher_checkpoint(folder)
     try:
-        _, _, state = load_run(folder)
+        _, _, state = load_run(folder)  # the same rebuilding `plait eval` does
     except DataError as exc:
         raise ConfigError(f"plugins.distill.teacher: {exc}") from None
     return RunTeacher(state.model, list(state.classes)).eval().requires_grad_(False)
@@ -402,38 +413,37 @@ def plait_configure_model(model, config, plugins):
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
         with torch.random.fork_rng(devices=devices):
-            teacher = plugins.first("plait_teacher", config=config)
+            teacher = plugins.first(hookspecs.plait_teacher, config=config)
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
     if teacher is None:
         raise ConfigError("plugins.distill: no plugin answered plait_teacher; give plugins.distill.teacher")
     Distiller(config.options(DistillOptions), teacher, model)
-    _Teacher.model = teacher
+    plugins.stash[TEACHER] = _Teacher(teacher)
     return None
 
 
 @hookimpl
 def plait_fit_start(state):
     options = state.config.options(DistillOptions)
-    teacher = _Teacher.model
-    classes = getattr(teacher, "classes", None)
-    if options.alpha and list(classes) != list(state.classes):
-        raise ConfigError(f"plugins.distill.teacher: the teacher's classes {list(classes)[:12]} are not the "
+    run = state.plugins.stash[TEACHER]
+    classes = getattr(run.model, "classes", None)
+    if options.alpha and list(classes or []) != list(state.classes):
+        raise ConfigError(f"plugins.distill.teacher: the teacher's classes {list(classes or [])[:12]} are not the "
                           f"student's {list(state.classes)[:12]} (same names, same order)")
     if options.cache:
-        transforms = state.plugins.call_each("plait_sample_transforms", config=state.config, split="train")
+        transforms = state.plugins.call_each(hookspecs.plait_sample_transforms, config=state.config, split="train")
         changing = sorted(name for name, found in transforms.items() if found)
         if changing:
             raise ConfigError(f"plugins.distill.cache: the training inputs change every epoch (sample transforms of "
                               f"{', '.join(changing)}), so the teacher's outputs of one epoch do not hold for the "
                               "next; turn cache off")
     identity = _identity(Path(options.teacher))
-    resumed, _Teacher.resumed = _Teacher.resumed, None
-    if resumed not in (None, identity):
-        raise ConfigError(f"plugins.distill.teacher: this run was distilled from {resumed}, but the "
+    if run.resumed not in (None, identity):
+        raise ConfigError(f"plugins.distill.teacher: this run was distilled from {run.resumed}, but the "
                           f"teacher is now {identity}; a new teacher needs a new run.name")
-    _Teacher.model, _Teacher.identity = teacher.to(state.device), identity
+    run.model, run.identity = run.model.to(state.device), identity
 
 
 @hookimpl
@@ -443,12 +453,12 @@ def plait_loss_terms(state, batch, outputs):
 
 @hookimpl
 def plait_state_dict(state):
-    return {"teacher": _Teacher.identity}
+    return {"teacher": state.plugins.stash[TEACHER].identity}
 
 
 @hookimpl
 def plait_load_state_dict(state, data):
-    _Teacher.resumed = data["teacher"]
+    state.plugins.stash[TEACHER].resumed = data["teacher"]
 
 
 @hookimpl
@@ -456,18 +466,17 @@ def plait_fit_end(state):
     """report.md in the student's run folder."""
     if "test" not in state.metrics:
         return
-    from plait.core.loop import ShardSampler, build_dataset, evaluate, make_loader, move
-    from plait.core.model import cpu_latency_ms
-
     options = state.config.options(DistillOptions)
-    teacher, student = _Teacher.model, getattr(state.model, "module", state.model)
+    teacher, student = state.plugins.stash[TEACHER].model, unwrap(state.model)
     dataset = build_dataset(state.plugins, state.config, "test")
+    assert dataset is not None and state.config.run.eval_batch_size is not None  # the run was tested
     loader = make_loader(dataset, state.config.run.eval_batch_size, False, state.config.run.seed, 0,
                          ShardSampler(len(dataset), state.rank, state.world_size))
     teacher_acc = float("nan")
     if getattr(teacher, "classes", None) is not None:
         # every worker evaluates its shard of the test split: the sums are collective
-        teacher_acc = evaluate(type(state)(**{**vars(state), "model": teacher, "lockstep": False}), loader)["accuracy"]
+        teacher_state = type(state)(**{**vars(state), "model": teacher, "lockstep": False})
+        teacher_acc = evaluate(teacher_state, loader, split="test")["accuracy"]
     if not state.is_main:
         return
     batch = move(next(iter(loader)), torch.device("cpu"))
@@ -492,9 +501,9 @@ def plait_fit_end(state):
     losses = ", ".join(name for name, on in (("soft targets", options.alpha), ("hidden states", options.hidden),
                                              ("embedding", options.embedding)) if on)
     lines = [f"# Distillation report: {state.config.run.name}", "",
-             f"Teacher: `{options.teacher}`; {losses}; T = {options.temperature}, alpha = {options.alpha}; "
+             (f"Teacher: `{options.teacher}`; {losses}; T = {options.temperature}, alpha = {options.alpha}; "
              f"student modalities: {', '.join(state.modalities)}. Latency: CPU, one thread, median of 5. "
-             f"The student's parameters leave out the {projections:,} of its training-only projections.", "",
+             f"The student's parameters leave out the {projections:,} of its training-only projections."), "",
              "| model | parameters | size (MiB) | latency bs1 (ms) | latency bs32 (ms) | test accuracy |",
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {n} | {p:,} | {s:.2f} | {l1:.2f} | {l32:.2f} | {a:.4f} |" for n, p, s, l1, l32, a in rows]
@@ -504,10 +513,6 @@ def plait_fit_end(state):
 @hookimpl
 def plait_compress(model, job):
     """With ``student:``, train that student from the run being compressed (its teacher) and hand it on."""
-    from plait.core.config import merge
-    from plait.core.loop import fit
-    from plait.core.model import build_model
-
     options = job.config.options(DistillOptions)
     if options.student is None:
         return None  # a distilled run's own block: it was distilled already
@@ -522,7 +527,7 @@ def plait_compress(model, job):
     job.replace_config(deployed_raw)
     _, deployed_plugins = job.resolve(deployed_raw)
     student = build_model(deployed_plugins, job.config, trained.modalities, len(trained.classes))
-    weights = getattr(trained.model, "module", trained.model).state_dict()
+    weights = unwrap(trained.model).state_dict()
     student.load_state_dict({k: v for k, v in weights.items() if not k.startswith("distill.")})
     fused = trained.metrics.get("test", {}).get("fused", {}).get("accuracy")
     accuracy = f", test accuracy {fused:.4f}" if fused is not None else ""

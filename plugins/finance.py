@@ -29,6 +29,7 @@ one locale at a time, without scale words, basis points, accounting negatives, r
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -184,7 +185,7 @@ def find_numbers(text: str, locale: str = "auto") -> list[Number]:
 
 def _share_range_units(text: str, numbers: list[Number]) -> None:
     """"$3-4bn", "5 to 7 million", "2–3%": the first number takes the second's scale and unit."""
-    for first, second in zip(numbers, numbers[1:]):
+    for first, second in itertools.pairwise(numbers):
         between = text[first.end:second.start]
         if not RANGE_BETWEEN.fullmatch(between) or first.unit == "date":
             continue

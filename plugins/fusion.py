@@ -24,7 +24,8 @@ class FusionOptions(Options):
     layers: int = Field(1, ge=1)
     heads: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
-    modality_dropout: float = Field(0.25, ge=0, lt=1, description="chance to hide each modality of a sample in training")
+    modality_dropout: float = Field(0.25, ge=0, lt=1,
+                                    description="chance to hide each modality of a sample in training")
     contrastive_weight: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term (1 - alpha under distillation)")
@@ -46,7 +47,7 @@ class Fusion(nn.Module):
             self.type_embedding = nn.Parameter(torch.randn(len(dims), dim) * 0.02)
             layer = nn.TransformerEncoderLayer(dim, options.heads, dim * 2, options.dropout, batch_first=True,
                                                norm_first=True)
-            self.mixer = nn.TransformerEncoder(layer, options.layers, enable_nested_tensor=False)
+            self.mixer: nn.Module = nn.TransformerEncoder(layer, options.layers, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(dim)
         else:
             self.mixer = nn.Sequential(nn.Linear(dim * len(dims), dim), nn.GELU(), nn.Dropout(options.dropout),
@@ -100,7 +101,8 @@ def contrastive_loss(outputs: dict) -> torch.Tensor | None:
     for a, b in itertools.combinations(sorted(outputs["projected"]), 2):
         both = outputs["present"][a] & outputs["present"][b]
         if int(both.sum()) >= 2:
-            losses.append(info_nce(outputs["projected"][a][both], outputs["projected"][b][both], outputs["logit_scale"]))
+            projected = outputs["projected"]
+            losses.append(info_nce(projected[a][both], projected[b][both], outputs["logit_scale"]))
     return torch.stack(losses).mean() if losses else None
 
 

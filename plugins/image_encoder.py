@@ -17,7 +17,7 @@ from plait.modalities.image import match_channels
 class ImageEncoderOptions(Options):
     timm: str = Field("resnet18", description="a timm model name (`timm.list_models()`)")
     in_chans: int = Field(1, ge=1)
-    timm_kwargs: dict[str, Any] = {}
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("timm")
     @classmethod

@@ -68,7 +68,7 @@ ORDINALS = {w: i for i, w in enumerate(
 ORDINALS.update({f"twenty-{w}": 20 + i for w, i in list(ORDINALS.items())[:9]})
 NUMERAL = r"(?:[IVXLC]+|\d+)"
 ORDINAL = r"(?:" + "|".join(sorted(map(re.escape, ORDINALS), key=len, reverse=True)) + r")"
-SECTION = rf"(?:,?\s*(?:§+|sec(?:tion)?\.?)\s*(?P<section>\d+))?(?:,?\s*cl(?:ause)?\.?\s*(?P<clause>\d+))?"
+SECTION = r"(?:,?\s*(?:§+|sec(?:tion)?\.?)\s*(?P<section>\d+))?(?:,?\s*cl(?:ause)?\.?\s*(?P<clause>\d+))?"
 CONSTITUTION = [
     re.compile(rf"\bU\.\s?S\.\s?Const\.?,?\s+art(?:icle)?\.?\s*(?P<article>{NUMERAL})\b{SECTION}", re.IGNORECASE),
     re.compile(rf"\bU\.\s?S\.\s?Const\.?,?\s+amend(?:ment)?\.?\s*(?P<amendment>{NUMERAL})\b{SECTION}", re.IGNORECASE),
@@ -187,7 +187,7 @@ def split_sentences(paragraph: str) -> list[str]:
         out.append(head.strip())
         start = match.end()
     tail = paragraph[start:].strip()
-    return out + [tail] if tail else out
+    return [*out, tail] if tail else out
 
 
 def sections_of(text: str) -> list[tuple[list[str], list[str]]]:
@@ -216,6 +216,7 @@ def sections_of(text: str) -> list[tuple[list[str], list[str]]]:
             if markdown:
                 level, title = len(markdown[1]), markdown[2]
             else:
+                assert plain is not None
                 title = plain["title"].strip()
                 level = PLAIN_LEVEL.get(title.split()[0].lower().rstrip("s") if not title.startswith("§") else "§", 3)
             path = [(lvl, t) for lvl, t in path if lvl < level] + [(level, title)]
@@ -241,7 +242,7 @@ def chunk_document(source: str, text: str, chunk_words: int) -> list[Chunk]:
             pieces += split_sentences(paragraph) if len(paragraph.split()) > chunk_words else [paragraph]
         buffer: list[str] = []
         for piece in pieces:
-            if buffer and len(" ".join(buffer + [piece]).split()) > chunk_words:
+            if buffer and len(" ".join([*buffer, piece]).split()) > chunk_words:
                 chunks.append(Chunk(source, label, " ".join(buffer), keys))
                 buffer = []
             buffer.append(piece)
@@ -427,7 +428,7 @@ def open_index(options: LegalRagOptions) -> LegalIndex:
     if target.exists():
         try:
             return load_index(target, dense)
-        except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
+        except Exception as exc:
             log.warning("index cache %s is unreadable (%s: %s); rebuilding it", target, type(exc).__name__, exc)
             shutil.rmtree(target, ignore_errors=True)
     build_index(folder, target, options.chunk_words, dense)

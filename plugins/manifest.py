@@ -12,7 +12,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from torch.utils.data import Dataset
@@ -100,7 +100,7 @@ class Manifest(Dataset):
             label = str(row.get("label") if row.get("label") is not None else "").strip()
             if not label:
                 raise DataError(f"{where}: row has no label")
-            entry = {"id": str(row.get("id") or where), "label": label, "where": where}
+            entry: dict[str, Any] = {"id": str(row.get("id") or where), "label": label, "where": where}
             for modality in MODALITIES:
                 value = row.get(modality)
                 value = str(value).strip() if value is not None else ""
@@ -142,7 +142,8 @@ class Manifest(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         entry = self.rows[index]
-        sample = {"id": entry["id"], "label": entry["label"], "text": entry["text"], "image": None, "audio": None}
+        sample: dict[str, Any] = {"id": entry["id"], "label": entry["label"], "text": entry["text"], "image": None,
+                                  "audio": None}
         try:
             if entry["image"]:
                 size = self.options.image_size

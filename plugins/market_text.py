@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from datetime import date
+from typing import ClassVar
 
 from pydantic import Field
 from torch.utils.data import Dataset
@@ -89,7 +90,7 @@ def render(series: str, day: date, row: dict, rng: random.Random) -> str:
 
 class MarketSentences(Dataset):
     modalities = ("text",)
-    classes = ["down", "up"]
+    classes: ClassVar[list[str]] = ["down", "up"]
     collate_fn = staticmethod(collate)
 
     def __init__(self, options: MarketTextOptions, split: str) -> None:

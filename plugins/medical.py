@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from importlib.resources import files
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 from pydantic import Field
 
@@ -69,14 +69,14 @@ AGE_PATTERNS = [
     r"\b(?P<age>9\d|1[0-4]\d)(?=[- ](?:years?|yrs?|y)[- ]?(?:old|o\b|/o))",
     r"\b(?P<age>9\d|1[0-4]\d)\s*(?:y/o|yo|y\.o\.)\b",
     r"\b(?P<age>9\d|1[0-4]\d)\s+years?\s+of\s+age\b",
-    r"\b(?:age[sd]?|aged|turned|turns|was|is)\s*:?\s+(?P<age>9\d|1[0-4]\d)\b(?!\s*(?:%|mg|mcg|g\b|kg|lbs?|cm|mm|ml|"
-    r"bpm|beats|units?|percent|degrees|°|/|\.\d|x\b|minutes|min\b|hours|days|weeks|months))",
+    (r"\b(?:age[sd]?|aged|turned|turns|was|is)\s*:?\s+(?P<age>9\d|1[0-4]\d)\b(?!\s*(?:%|mg|mcg|g\b|kg|lbs?|cm|mm|ml|"
+    r"bpm|beats|units?|percent|degrees|°|/|\.\d|x\b|minutes|min\b|hours|days|weeks|months))"),
 ]
 STREET = (r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Place|Pl|Way|Terrace|Ter|"
           r"Circle|Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq)\b\.?")
 ADDRESS_PATTERNS = [
-    rf"\b\d{{1,6}}\s+(?:[NSEW]\.?\s+|North\s+|South\s+|East\s+|West\s+)?(?:[A-Z][A-Za-z'-]*\s+){{1,3}}{STREET}"
-    r"(?:,?\s+(?:Apt|Apartment|Unit|Suite|Ste|Room|Rm|#)\.?\s*#?[A-Za-z0-9-]+)?",
+    (rf"\b\d{{1,6}}\s+(?:[NSEW]\.?\s+|North\s+|South\s+|East\s+|West\s+)?(?:[A-Z][A-Za-z'-]*\s+){{1,3}}{STREET}"
+    r"(?:,?\s+(?:Apt|Apartment|Unit|Suite|Ste|Room|Rm|#)\.?\s*#?[A-Za-z0-9-]+)?"),
     r"\bP\.?\s?O\.?\s+Box\s+\d+\b",
 ]
 ZIP_PATTERNS = [r"(?<=\b[A-Z]{2}\s)\d{5}(?:-\d{4})?\b",  # after a state: "IL 62704"
@@ -114,7 +114,7 @@ NOT_NAMES = {  # capitalised words the name patterns meet that are not names
     "road", "suite", "apt", "box", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday",
     "january", "february", "march", "april", "may", "june", "july", "august", "september", "october", "november",
     "december", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec", "today",
-    "tomorrow", "yesterday", "emergency", "department", "icu", "er", "ed", "or", "cardiology", "neurology",
+    "tomorrow", "yesterday", "emergency", "icu", "er", "ed", "cardiology", "neurology",
     "oncology", "radiology", "psychiatry", "nephrology", "surgery", "interpreter", "family", "mr", "mrs", "ms", "dr",
     "however", "also", "then", "prefers", "brought", "declined", "arrived", "lives", "turned", "remains",
 }
@@ -529,13 +529,13 @@ def clinical_pipeline(extra_synonyms: str | None = None):
     nlp.add_pipe("sentencizer")
     terms = lexicon(extra_synonyms)
     matcher = PhraseMatcher(nlp.vocab, attr="LOWER")
-    codes = {}
+    codes: dict[str, list[str]] = {}
     for term, code in terms.items():
         codes.setdefault(code, []).append(term)
     for code, code_terms in codes.items():
         # spaCy splits "t2dm" but not "T2DM": short terms and terms with digits are added in upper case too
         variants = code_terms + [t.upper() for t in code_terms if len(t) <= 6 or any(c.isdigit() for c in t)]
-        matcher.add(code, list(nlp.tokenizer.pipe(variants)))
+        matcher.add(code, list(cast(Any, nlp.tokenizer).pipe(variants)))
     negation = termset("en_clinical")
     negation.remove_patterns({"preceding_negations": NEGATION["remove_preceding"]})
     negation.add_patterns({"pseudo_negations": NEGATION["add_pseudo"], "preceding_negations": NEGATION["add_preceding"],

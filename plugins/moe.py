@@ -20,7 +20,7 @@ load, dropped fraction, router entropy, dead experts; ``expert_load.png`` in the
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,7 @@ class MoELayer(nn.Module):
         self.router = nn.Linear(dim, experts, bias=False)
         self.noise = nn.Linear(dim, experts, bias=False) if options.router == "noisy_topk" else None
         self.modality_embedding = nn.Embedding(modalities, dim) if options.modality_aware and modalities else None
+        self.balance_bias: torch.Tensor
         self.register_buffer("balance_bias", torch.zeros(experts))  # DeepSeek-V3; moved by a rule, not by SGD
         scale1, scale2 = 1 / math.sqrt(dim), 1 / math.sqrt(hidden)
         self.w1 = nn.Parameter(torch.empty(experts, dim, hidden).uniform_(-scale1, scale1))
@@ -229,9 +230,11 @@ class MoEEncoderLayer(nn.Module):
 class MoEBertOutput(nn.Module):
     """Replaces a BERT layer's feed-forward block (``intermediate`` becomes the identity)."""
 
-    def __init__(self, output: nn.Module, moe: MoELayer) -> None:
+    def __init__(self, output: Any, moe: MoELayer) -> None:
         super().__init__()
-        self.LayerNorm, self.dropout, self.moe = output.LayerNorm, output.dropout, moe
+        self.LayerNorm: nn.Module = output.LayerNorm
+        self.dropout: nn.Module = output.dropout
+        self.moe = moe
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.moe(input_tensor)) + input_tensor)
@@ -253,7 +256,7 @@ def _moe_fusion(fusion: nn.Module, options: MoEOptions) -> None:
     _moe_stack(mixer, options, modalities=1 + len(getattr(fusion, "modalities", [])))  # cls, then one per modality
 
 
-def _moe_text(encoder: nn.Module, options: MoEOptions) -> None:
+def _moe_text(encoder: Any, options: MoEOptions) -> None:
     layers = getattr(getattr(getattr(encoder, "model", None), "encoder", None), "layer", None)
     if layers is None:
         raise ConfigError("plugins.moe.targets: 'text' needs the text_encoder plugin's BERT encoder")
@@ -330,12 +333,13 @@ def plot_expert_load(rows: list[dict], path) -> bool:
     if not layers:
         return False
     fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.5), squeeze=False)
-    for axis, layer in zip(axes[0], layers):
+    for axis, layer in zip(axes[0], layers, strict=True):
         experts = sorted({int(k.split("_load")[1]) for r in train for k in r
                           if k.startswith(f"moe{layer}_load") and k.split("_load")[1].isdigit()})
         for expert in experts:
             key = f"moe{layer}_load{expert}"
-            axis.plot([r["step"] for r in train if key in r], [r[key] for r in train if key in r], label=f"expert {expert}")
+            rows = [r for r in train if key in r]
+            axis.plot([r["step"] for r in rows], [r[key] for r in rows], label=f"expert {expert}")
         axis.axhline(1 / len(experts), color="grey", linestyle="--", linewidth=1, label="uniform")
         axis.set(xlabel="step", ylabel="fraction of assignments", title=f"MoE layer {layer}", ylim=(0, 1))
         axis.legend(fontsize=7)

@@ -28,11 +28,13 @@ quantizes the structure first and then loads the stored int8 weights. Nothing is
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import types
 import warnings
-from typing import Any, Iterable, Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -158,9 +160,9 @@ def _load_plain(self: nn.Module, state_dict: dict, prefix: str, local_metadata: 
 def keep_plain_state(module: nn.Module) -> None:
     """Make ``module``'s state dict plain tensors (and read them back), whatever it holds."""
     module.register_state_dict_post_hook(_save_plain)
-    module.plait_quantized = True
+    setattr(module, "plait_quantized", True)  # noqa: B010 - an attribute nn.Module does not declare
     for part in module.modules():  # a bound method: deepcopy rebinds it to the copy
-        part._load_from_state_dict = types.MethodType(_load_plain, part)
+        setattr(part, "_load_from_state_dict", types.MethodType(_load_plain, part))  # noqa: B010
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
@@ -194,7 +196,7 @@ def fold_batch_norms(model: nn.Module, skip: list[str]) -> None:
 
     for path, module in list(model.named_modules()):
         names = list(module._modules)
-        for first, second in zip(names, names[1:]):
+        for first, second in itertools.pairwise(names):
             conv, norm = module._modules[first], module._modules[second]
             where = f"{path}.{first}" if path else first
             if type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and not _under(where, skip):
@@ -216,7 +218,7 @@ def _dynamic_int8(model: nn.Module, paths: list[str], engine: str) -> None:
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
         torch.backends.quantized.engine = engine
-        quantize_dynamic(model, {path: per_channel_dynamic_qconfig for path in paths}, inplace=True)
+        quantize_dynamic(model, dict.fromkeys(paths, per_channel_dynamic_qconfig), inplace=True)
 
 
 def _static_int8(model: nn.Module, paths: list[str], engine: str, calibration: list[dict] | None) -> None:
@@ -327,7 +329,7 @@ def pick_engine(model: nn.Module, options: QuantizeOptions, calibration: list[di
         trial = copy.deepcopy(model)
         quantize(trial, options, engine, calibration)
         timings[engine] = round(median_forward_ms(trial, calibration[0]), 2)  # one thread, as report.md
-    return min(timings, key=timings.get), timings
+    return min(timings, key=timings.__getitem__), timings
 
 
 def _restore_engine(options: QuantizeOptions) -> str:
@@ -346,7 +348,7 @@ def _check_backend(options: QuantizeOptions, device: torch.device) -> QuantizeOp
     if options.backend == "weight_only_int4":
         try:
             _weight_only(nn.Sequential(nn.Linear(256, 256)).to(device), ["0"], 4)
-        except Exception as exc:  # noqa: BLE001 - any failure means: not on this device
+        except Exception as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.warning("quantize: weight_only_int4 is not available on %s (%s); using weight_only_int8 instead",
                         device.type, reason)

@@ -20,6 +20,7 @@ import os
 import random
 import zipfile
 from pathlib import Path
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from pydantic import Field, field_validator
 from torch.utils.data import Dataset
 
 from plait.core.config import Options
-from plait.core.errors import DataError
+from plait.core.files import replaced_atomically
 from plait.core.hookspecs import hookimpl
 from plait.modalities import MODALITIES
 from plait.modalities.audio import add_noise, resample, trim_silence
@@ -58,7 +59,7 @@ CACHE_VERSION = 3  # 3: every clip seeded (espeak-ng's noise was time-seeded)
 
 
 class SpokenDigitsOptions(Options):
-    languages: list[str] = list(WORDS)
+    languages: list[str] = Field(default_factory=lambda: list(WORDS))
     train_size: int = Field(6000, ge=10)
     val_size: int = Field(1000, ge=10)
     test_size: int = Field(2000, ge=10)
@@ -182,15 +183,14 @@ def load_clips(options: SpokenDigitsOptions) -> dict[str, np.ndarray]:
             except (OSError, ValueError, zipfile.BadZipFile):
                 path.unlink()  # a damaged cache is rebuilt, not trusted
         arrays = _synthesize(options)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        with replaced_atomically(path) as tmp:
+            np.savez(tmp, **cast(dict[str, Any], arrays))
     return arrays
 
 
 # ------------------------------------------------------------------- dataset
 class SpokenDigits(Dataset):
-    classes = [str(d) for d in range(10)]
+    classes: ClassVar[list[str]] = [str(d) for d in range(10)]
     modalities = MODALITIES
     collate_fn = staticmethod(collate)
 

@@ -42,7 +42,7 @@ class TextEncoder(nn.Module):
                                   "'bytes' is only for models built from a config")
             if not Path(folder).is_dir():
                 raise ConfigError(f"plugins.text_encoder.pretrained: model folder '{folder}' not found")
-            self.tokenizer = WordPieceTokenizer(folder, options.max_length)
+            self.tokenizer: WordPieceTokenizer | ByteTokenizer = WordPieceTokenizer(folder, options.max_length)
             self.num_id = self._add_num_token(options)
             self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
             if getattr(self.model, "pooler", None) is not None:  # this encoder mean-pools the hidden states:

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ class WikiBytes(torch.utils.data.Dataset):
     """Windows of ``seq_len`` + 1 bytes over one split's articles, joined by newlines."""
 
     modalities = ("text",)
-    classes = [str(i) for i in range(VOCAB)]
+    classes: ClassVar[list[str]] = [str(i) for i in range(VOCAB)]
 
     def __init__(self, options: WikiLMOptions, split: str) -> None:
         path = corpus_path(options)

@@ -14,8 +14,9 @@ a temporary runs folder, and returns the final ``RunState``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -45,10 +46,10 @@ def write_config(folder: Path, plugins: dict[str, Any], name: str = "tiny", **ru
 def train_steps(folder: Path, plugins: dict[str, Any] | None = None, steps: int = 2, **run: Any):
     """Train ``steps`` optimizer steps of the tiny set plus ``plugins``; return the ``RunState``."""
     from plait.core.loop import fit
-    from plait.launch.cli import load
+    from plait.core.runs import load
 
     path = write_config(folder, {**copy.deepcopy(TINY_PLUGINS), **(plugins or {})}, max_steps=steps, **run)
-    return fit(*load(str(path), []))
+    return fit(*load(path))
 
 
 @pytest.fixture

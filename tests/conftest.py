@@ -12,9 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PLUGINS_FOR_TESTS = Path(__file__).parent / "plugins_for_tests"
 sys.path.insert(0, str(PLUGINS_FOR_TESTS))  # test plugins, named in configs like any other
 
-from plait.testing import TINY_PLUGINS  # noqa: E402 - one tiny plugin set, also for plugin authors
-
 from hypothesis import settings  # noqa: E402
+
+from plait.testing import TINY_PLUGINS  # noqa: E402 - one tiny plugin set, also for plugin authors
 
 # CI replays the same hostile inputs every time (a failure there is reproducible); runs elsewhere
 # draw new ones, and a case that fails is kept in .hypothesis/ and tried first next time.

@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from plait.core import checkpoint
 from plait.core.errors import ConfigError
 from plait.core.loop import fit
-from plait.launch.cli import load
+from plait.core.runs import load
 from plait.modalities.text import minilm_folder
-from plait.plugins.distill import RunTeacher, _Teacher, embedding_loss, hidden_loss, kd_loss
+from plait.plugins.distill import TEACHER, RunTeacher, embedding_loss, hidden_loss, kd_loss
 
 STUDENT = {  # audio only: cross-modal from the fused teacher
     "spoken_digits": TINY_PLUGINS["spoken_digits"],
@@ -27,7 +27,7 @@ def test_kd_loss_is_the_hand_computed_value_and_scales_with_t_squared():
         p = [math.exp(t / temperature) for t in teacher[0].tolist()]
         q = [math.exp(s / temperature) for s in student[0].tolist()]
         p, q = [x / sum(p) for x in p], [x / sum(q) for x in q]
-        kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
         assert kd_loss(student, teacher, temperature, alpha=1.0).item() == pytest.approx(temperature**2 * kl, rel=1e-5)
         assert kd_loss(student, teacher, temperature, alpha=0.25).item() == pytest.approx(0.25 * temperature**2 * kl,
                                                                                           rel=1e-5)
@@ -63,7 +63,7 @@ def test_a_fused_teacher_trains_an_audio_student_and_stays_frozen(write_config, 
     before = load_file(str(checkpoint.latest(teacher_dir / "checkpoints") / "model.safetensors"))
     state = fit(*load(str(write_config({**STUDENT, "distill": {"teacher": str(teacher_dir)}}, name="student",
                                        log_every=1)), []))
-    teacher = _Teacher.model
+    teacher = state.plugins.stash[TEACHER].model
     assert not teacher.training and all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     after = {k: v.cpu() for k, v in teacher.model.state_dict().items()}
     assert all(torch.equal(before[k], after[k]) for k in before)  # not a single weight moved
@@ -79,7 +79,7 @@ def test_a_stopped_distillation_resumes_exactly_and_refuses_another_teacher(writ
     # with projections (hidden states, embedding): their weights and optimizer state resume too
     plugins = {**STUDENT, "distill": {"teacher": str(teacher_dir), "embedding": 1.0, "embedding_modalities": ["audio"],
                                       "hidden": [{"student": "encoders.audio.cnn", "teacher": "encoders.audio.cnn"}]}}
-    settings = dict(epochs=2, checkpoint_every=4)
+    settings = {"epochs": 2, "checkpoint_every": 4}
     whole = fit(*load(str(write_config(plugins, name="kd-whole", **settings)), []))
     with pytest.raises(RuntimeError, match="stopped at step 5"):
         fit(*load(str(write_config({**plugins, "stop_at": {"step": 5}}, name="kd-split", **settings)), []))
@@ -226,5 +226,6 @@ def test_a_transformers_classifier_gives_soft_targets_and_must_share_the_classes
 
 def test_caching_the_teacher_is_refused_when_augmentation_changes_the_inputs(write_config, teacher_dir):
     plugins = {**STUDENT, "augment": {}, "distill": {"teacher": str(teacher_dir), "cache": True}}
-    with pytest.raises(ConfigError, match=r"cache: the training inputs change every epoch \(sample transforms of augment\)"):
+    changing = r"cache: the training inputs change every epoch \(sample transforms of augment\)"
+    with pytest.raises(ConfigError, match=changing):
         fit(*load(str(write_config(plugins)), []))

@@ -54,7 +54,8 @@ def test_surrogates_are_consistent_within_a_text_and_dates_keep_their_spacing():
 
 
 def test_conditions_get_codes_and_their_context():
-    text = "History of MI in 2015. She has HTN and T2DM. She denies chest pain. Possible pneumonia. Sepsis was ruled out."
+    text = ("History of MI in 2015. She has HTN and T2DM. She denies chest pain. Possible pneumonia. "
+            "Sepsis was ruled out.")
     entities = {e["text"]: e for e in medical.find_conditions(text)}
     assert entities["MI"]["code"][:3] == "I21" and entities["MI"]["historical"]
     assert entities["HTN"]["code"] == "I10" and not any(entities["HTN"][f] for f in ("negated", "uncertain",
@@ -125,8 +126,9 @@ def test_digits_and_xval_modes_rewrite_the_text():
     assert "2 0 1 3 . 7 8" in digits["text"] and "2 0 1 6 . 7 1" in digits["text"]
     xval = finance.FinancePreprocess(finance.FinanceOptions(numbers="xval"))({"text": text})
     assert xval["text"].count("[NUM]") == len(xval["text_numbers"]) == 4
-    values = dict(zip(["date", "open", "close", "name"], xval["text_numbers"]))
-    assert values["open"] == 0 and values["close"] == pytest.approx(100 * torch.log(torch.tensor(2016.71 / 2013.78)).item(), abs=1e-3)
+    values = dict(zip(["date", "open", "close", "name"], xval["text_numbers"], strict=True))
+    assert values["open"] == 0 and values["close"] == pytest.approx(
+        100 * torch.log(torch.tensor(2016.71 / 2013.78)).item(), abs=1e-3)
     assert values["name"] == 0  # "500" is not within 25% of the prices: its own reference
     assert finance.FinancePreprocess(finance.FinanceOptions())({"text": ""})["numbers"] == []
 
@@ -165,7 +167,8 @@ def test_citations_are_parsed_into_fields():
 
 def test_chunks_follow_sections_and_never_split_a_citation():
     sentence = "Fair use under 17 U.S.C. § 107 is weighed against U.S. Const. art. I, § 8, cl. 8. "
-    text = "TITLE 17 COPYRIGHTS\n\nSection 107. Fair use\n\n" + sentence * 40 + "\n\nSection 108. Copies\n\nLibraries may copy.\n"
+    text = ("TITLE 17 COPYRIGHTS\n\nSection 107. Fair use\n\n" + sentence * 40
+            + "\n\nSection 108. Copies\n\nLibraries may copy.\n")
     chunks = legal_rag.chunk_document("usc17.txt", text, chunk_words=60)
     # the one title above every section names the document, not a section
     assert {c.section for c in chunks} == {"Section 107. Fair use", "Section 108. Copies"}
@@ -276,7 +279,8 @@ def test_the_text_model_reads_market_numbers_through_the_finance_plugin(tmp_path
 @pytest.mark.slow
 def test_a_manifest_run_with_the_medical_plugin_keeps_phi_out_of_the_run_folder(tmp_path, write_config):
     rows = []
-    for i, (first, last) in enumerate([("Ada", "Byron"), ("Omar", "Haddad"), ("Lena", "Kowalski"), ("Raj", "Menon")] * 6):
+    names = [("Ada", "Byron"), ("Omar", "Haddad"), ("Lena", "Kowalski"), ("Raj", "Menon")]
+    for i, (first, last) in enumerate(names * 6):
         negated = i % 2
         rows.append({"text": f"Mr. {first} {last} (MRN {4471200 + i}) {'denies' if negated else 'has'} chest pain.",
                      "label": "absent" if negated else "present"})
@@ -293,8 +297,8 @@ def test_a_manifest_run_with_the_medical_plugin_keeps_phi_out_of_the_run_folder(
     written = b"".join(f.read_bytes() for f in run_folder.rglob("*") if f.is_file())
     for name in (b"Byron", b"Haddad", b"Kowalski", b"Menon", b"4471200"):
         assert name not in written
-    from plait.core.loop import build_dataset
-    from plait.launch.cli import load
+    from plait.core.data import build_dataset
+    from plait.core.runs import load
 
     loaded, plugins = load(str(config), [])
     sample = build_dataset(plugins, loaded, "train")[0]  # what the model was given

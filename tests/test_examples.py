@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from plait.core import checkpoint
 from plait.core.loop import fit
 from plait.core.manager import list_plugins
-from plait.launch.cli import load
+from plait.core.runs import load
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ def test_the_examples_are_installed_entry_point_plugins():
 
 def test_ema_is_saved_and_resumed_with_the_run(write_config):
     plugins = {**TINY_PLUGINS, "ema": {"decay": 0.9}}
-    settings = dict(epochs=2, checkpoint_every=4, batch_size=32)  # 6 steps an epoch
+    settings = {"epochs": 2, "checkpoint_every": 4, "batch_size": 32}  # 6 steps an epoch
     whole = fit(*load(str(write_config(plugins, name="ema-whole", **settings)), []))
     with pytest.raises(RuntimeError, match="stopped at step 5"):
         fit(*load(str(write_config({**plugins, "stop_at": {"step": 5}}, name="ema-split", **settings)), []))

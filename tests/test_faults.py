@@ -8,16 +8,16 @@ import sys
 import time
 from pathlib import Path
 
+import nan_at
 import pytest
 import torch
-import nan_at
 from conftest import TINY_PLUGINS
 
 from plait.core import checkpoint
 from plait.core.errors import PlaitError
-from plait.core.loop import NonFiniteLoss, fit
-from plait.launch.cli import load
-from plait.launch.evaluate import load_run
+from plait.core.loop import fit
+from plait.core.runs import load, load_run
+from plait.core.step import NonFiniteLoss
 
 
 @pytest.mark.parametrize("where, value", [("loss", float("nan")), ("input", float("nan")), ("loss", float("inf"))])

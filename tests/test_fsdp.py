@@ -13,10 +13,16 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from plait.core import checkpoint
-from plait.core.loop import Distributed, fit
-from plait.launch.cli import load
+from plait.core.distributed import Distributed
+from plait.core.loop import fit
+from plait.core.runs import load
 from plait.launch.evaluate import evaluate_run
-from plait.launch.ray_runner import find_unused_parameters, shard_model, sparse_embedding_gradients, undeclared_unused_parameters
+from plait.launch.ray_runner import (
+    find_unused_parameters,
+    shard_model,
+    sparse_embedding_gradients,
+    undeclared_unused_parameters,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +33,8 @@ def _distributed(rank: int, strategy: str, seed: int) -> Distributed:
         sparse_embedding_gradients(model)
         # as the Ray runner decides it: the tiny batches often lack a modality, whose encoder then
         # touches its weights, so DDP runs without its search for unused parameters
-        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=find_unused_parameters(model, "auto"),
+        unused = find_unused_parameters(model, "auto")
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused,
                                                          gradient_as_bucket_view=True)
 
     def prepare_loader(loader: DataLoader, add_sampler: bool) -> DataLoader:
@@ -138,7 +145,8 @@ def test_uneven_evaluation_shards_count_each_sample_once(runs):
 def test_a_stopped_fsdp_run_resumes_to_the_same_weights(runs):
     assert runs[0]["stopped"]["error"] == "stopped at step 10"
     whole, resumed = _weights(runs, "fsdp"), _weights(runs, "split")
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole), [k for k in whole if not torch.equal(whole[k], resumed[k])]
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), [
+        k for k in whole if not torch.equal(whole[k], resumed[k])]
     assert runs[0]["resumed"]["test"] == runs[0]["fsdp"]["test"]
 
 

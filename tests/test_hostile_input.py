@@ -16,7 +16,7 @@ from PIL import Image
 
 from plait.core.config import load_config
 from plait.core.errors import PlaitError
-from plait.launch.cli import prepare
+from plait.core.runs import prepare
 from plait.modalities.audio import load_audio
 from plait.modalities.image import load_image
 from plait.plugins.manifest import Manifest, ManifestOptions
@@ -98,7 +98,7 @@ def test_random_manifest_rows_build_a_data_set_or_fail_naming_the_row(tmp_path, 
     if isinstance(result, Manifest):
         assert len(result) == len(rows)  # every row kept, or the whole file refused by name
         for index in range(len(result)):
-            _outcome(lambda: result[index])
+            _outcome(lambda: result[index])  # noqa: B023 - called at once, inside the loop
 
 
 def _png() -> bytes:

@@ -3,6 +3,7 @@ import textwrap
 import pytest
 
 from plait.core.errors import PluginError
+from plait.core.hookspecs import API_VERSION
 from plait.core.manager import Plugins, list_plugins
 
 RECORDING_PLUGIN = """
@@ -156,7 +157,8 @@ def test_plugin_commands_join_the_cli_and_a_broken_one_is_skipped(plugin_dir, mo
 
 
 @pytest.mark.parametrize("module, declared, expected", [
-    ("future_plugin", ">=2,<3", "plugin 'future_plugin' supports the plait plugin API >=2,<3, but this plait has API 1.3"),
+    ("future_plugin", ">=2,<3", ("plugin 'future_plugin' supports the plait plugin API >=2,<3, but this plait has API "
+                     f"{API_VERSION}")),
     ("garbled_plugin", "one point oh", "plugin 'garbled_plugin': PLAIT_API 'one point oh' is not a version range"),
 ])
 def test_a_plugin_for_another_api_version_is_refused_by_name(plugin_dir, module, declared, expected):

@@ -6,7 +6,7 @@ import torch
 from conftest import TINY_PLUGINS
 
 from plait.core.errors import ConfigError
-from plait.launch.cli import load
+from plait.core.runs import load
 from plait.launch.ray_runner import train
 from plait.plugins.moe import MoELayer, MoEOptions, moe_layers
 
@@ -135,7 +135,7 @@ def test_bad_options_are_clear_errors(write_config, options, expected):
 def test_a_run_with_moe_fusion_logs_expert_metrics_and_draws_their_load(write_config, tmp_path):
     path = write_config({**TINY_PLUGINS, "moe": {"experts": 4, "targets": ["fusion", "text"],
                                                  "modality_aware": True}}, name="moe", log_every=1)
-    config, plugins = load(str(path), [])
+    config, _plugins = load(str(path), [])
     results = train(config, json.loads(json.dumps(config.to_dict())))
     run_dir = tmp_path / "runs" / "moe"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from plait.core.config import resolve
 from plait.plugins.fusion import MAX_LOGIT_SCALE, Fusion, FusionOptions, contrastive_loss, info_nce
 from plait.plugins.manifest import Manifest, ManifestOptions
 from plait.plugins.text_encoder import TextEncoder, TextEncoderOptions

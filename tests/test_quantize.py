@@ -1,6 +1,5 @@
 """Quantization and ``plait compress``: plain-tensor state, predictions kept, reloads, QAT, the
 distill -> quantize chain, bad input."""
-import copy
 import json
 import logging
 
@@ -11,13 +10,13 @@ from conftest import TINY_PLUGINS
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from plait.core.data import build_dataset, make_loader
 from plait.core.errors import ConfigError, DataError
-from plait.core.loop import build_dataset, fit, make_loader
-from plait.launch.cli import load, main, prepare
+from plait.core.loop import fit
+from plait.core.runs import load, load_run, prepare
+from plait.launch.cli import main
 from plait.launch.compress import compress_run
-from plait.launch.evaluate import load_run
-from plait.plugins.quantize import (QuantizeOptions, _check_backend, engines_for, pick_engine, quantize,
-                                    quantized_layers)
+from plait.plugins.quantize import QuantizeOptions, _check_backend, engines_for, pick_engine, quantize, quantized_layers
 
 #: fp32 and int8 must give the same class for at least this share of a fixed test batch
 AGREEMENT = 0.9

@@ -11,8 +11,8 @@ from conftest import PLUGINS_FOR_TESTS
 
 from plait.core.config import load_config
 from plait.core.errors import ConfigError, PlaitError
+from plait.core.runs import prepare
 from plait.launch import ray_runner
-from plait.launch.cli import prepare
 
 pytestmark = pytest.mark.slow
 
@@ -64,15 +64,16 @@ def test_moe_fusion_trains_with_two_ddp_workers(write_config):
     path, _ = configure(write_config, {"moe": {"experts": 4, "top_k": 2}}, name="moe-ddp", log_every=1)
     config, results = run_ray(path, ["scaling.num_workers=2"])
     assert results["world_size"] == 2 and results["steps"] == 3
-    rows = [json.loads(line) for line in (Path(config.run.runs_dir) / "moe-ddp" / "metrics.jsonl").read_text().splitlines()]
+    rows = list(map(json.loads, (Path(config.run.runs_dir) / "moe-ddp" / "metrics.jsonl").read_text().splitlines()))
     for row in (r for r in rows if r["split"] == "train"):  # averaged over both workers
         assert row["moe_aux"] > 0 and sum(row[f"moe0_load{e}"] for e in range(4)) == pytest.approx(1.0)
 
 
 def test_distillation_runs_with_two_workers(write_config, tmp_path):
     from plait.core.loop import fit
-    from plait.launch.cli import load
-    from plait.testing import TINY_PLUGINS, write_config as write_in
+    from plait.core.runs import load
+    from plait.testing import TINY_PLUGINS
+    from plait.testing import write_config as write_in
 
     teacher = fit(*load(str(write_in(tmp_path, TINY_PLUGINS, name="teacher")), [])).run_dir
     student = {"spoken_digits": TINY_PLUGINS["spoken_digits"], "audio_encoder": {"channels": [4, 8], "dim": 16},
@@ -84,7 +85,7 @@ def test_distillation_runs_with_two_workers(write_config, tmp_path):
     path = write_config(student, name="kd-ddp", log_every=1)
     config, results = run_ray(path, ["scaling.num_workers=2"])
     assert results["world_size"] == 2 and results["steps"] == 3
-    rows = [json.loads(line) for line in (Path(config.run.runs_dir) / "kd-ddp" / "metrics.jsonl").read_text().splitlines()]
+    rows = list(map(json.loads, (Path(config.run.runs_dir) / "kd-ddp" / "metrics.jsonl").read_text().splitlines()))
     assert all(r["kd"] > 0 and r["hidden"] > 0 and r["embedding"] > 0 for r in rows if r["split"] == "train")
     assert (Path(config.run.runs_dir) / "kd-ddp" / "report.md").is_file()  # rank 0 wrote it
 
@@ -106,7 +107,7 @@ def test_a_failed_worker_is_restarted_by_ray_and_resumes_from_storage(write_conf
     marker, remote = tmp_path / "failed-once", tmp_path / "bucket"
     path, _ = configure(write_config, {"fail_once": {"marker": str(marker), "at_step": 5}}, name="restart",
                         epochs=2, log_every=1, checkpoint_every=2, runs_dir=f"file://{remote}")
-    config, results = run_ray(path, ["scaling.num_workers=2", "scaling.max_failures=1"])
+    _config, results = run_ray(path, ["scaling.num_workers=2", "scaling.max_failures=1"])
     assert marker.exists()  # it did fail
     assert results["steps"] == 6
     steps = [json.loads(line)["step"] for line in (remote / "restart" / "metrics.jsonl")
@@ -141,7 +142,7 @@ def test_a_worker_that_dies_is_named_with_its_log_and_the_run_resumes(write_conf
     assert re.search(r"the newest checkpoint, step-0000000[24], is kept: the same command resumes from it", message)
     config, results = run_ray(path, ["scaling.num_workers=2"])  # the same command again
     assert results["steps"] == 6
-    rows = [json.loads(line) for line in (Path(config.run.runs_dir) / "aborts" / "metrics.jsonl").read_text().splitlines()]
+    rows = list(map(json.loads, (Path(config.run.runs_dir) / "aborts" / "metrics.jsonl").read_text().splitlines()))
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6], "no row lost or repeated"
 
 
@@ -161,7 +162,7 @@ def test_what_cannot_run_fails_fast_and_clearly(write_config, overrides, expecte
 def test_an_unreachable_address_fails_fast(write_config):
     path, _ = configure(write_config)
     raw = load_config(path, ["scaling.num_workers=1"])
-    config, _ = prepare(raw, str(path))
+    _config, _ = prepare(raw, str(path))
     started = time.perf_counter()
     with pytest.raises(ConfigError, match="cannot reach Ray at 127.0.0.1:9"):
         ray_runner.check_reachable("127.0.0.1:9")
@@ -172,6 +173,6 @@ def test_domain_transforms_run_in_ray_workers_sharing_one_index(write_config, tm
     cache = tmp_path / "legal-cache"
     plugins = {"medical": {}, "legal_rag": {"k": 1, "retriever": "bm25", "cache_dir": str(cache)}}
     path, _ = configure(write_config, plugins, name="domains-ray")
-    config, results = run_ray(path, ["scaling.num_workers=2"])
+    _config, results = run_ray(path, ["scaling.num_workers=2"])
     assert results["world_size"] == 2 and results["test"]["fused"]["samples"] == 64
     assert [p.name for p in cache.iterdir()] == [next(cache.iterdir()).name]  # one index, no half-built folder

@@ -5,7 +5,7 @@ from safetensors.torch import load_file
 
 from plait.core import checkpoint
 from plait.core.loop import fit
-from plait.launch.cli import load
+from plait.core.runs import load
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path, write_config, mo
 
     (tmp_path / "count_batches.py").write_text(PLUGIN_STATE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    settings = dict(epochs=2, checkpoint_every=5, batch_size=32)  # 6 batches an epoch: resume mid-epoch 1
+    settings = {"epochs": 2, "checkpoint_every": 5, "batch_size": 32}  # 6 batches an epoch: resume mid-epoch 1
 
     config, plugins = load(str(write_config({**TINY_PLUGINS, "count_batches": {}}, name="whole", **settings)), [])
     whole = fit(config, plugins)

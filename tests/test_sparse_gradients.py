@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
 
-from plait.core.loop import densify_gradients
+from plait.core.step import densify_gradients
 from plait.launch.ray_runner import SPARSE_EMBEDDING_ROWS, sparse_embedding_gradients
 
 

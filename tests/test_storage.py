@@ -10,7 +10,7 @@ from conftest import TINY_PLUGINS
 from safetensors.torch import load_file
 
 from plait.core.errors import ConfigError
-from plait.launch.cli import load
+from plait.core.runs import load
 from plait.launch.ray_runner import check_storage, train
 from plait.launch.storage import COMPLETE, staging_dir
 
@@ -42,8 +42,8 @@ def test_a_run_in_storage_uploads_and_resumes_on_a_fresh_machine(write_config, t
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000010", "step-00000012"]  # keep 2
     for name in ("config.yaml", "run.json", "metrics.json", "metrics.jsonl"):
         assert (remote / "stored" / name).is_file(), name
-    train_steps = [row["step"] for row in map(json.loads, (remote / "stored" / "metrics.jsonl").read_text().splitlines())
-                   if row["split"] == "train"]
+    rows = map(json.loads, (remote / "stored" / "metrics.jsonl").read_text().splitlines())
+    train_steps = [row["step"] for row in rows if row["split"] == "train"]
     # the stopped attempt's row of step 6 is dropped on resuming from step 5: one row a step
     assert train_steps == [2, 4, 6, 8, 10, 12]
     stored = load_file(str(checkpoints / "step-00000012" / "model.safetensors"))

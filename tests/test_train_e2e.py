@@ -6,9 +6,10 @@ import pytest
 import soundfile
 import torch
 
-from plait.core.loop import build_dataset, fit, make_loader, move
-from plait.launch.cli import load, main
-from plait.launch.evaluate import load_run
+from plait.core.data import build_dataset, make_loader, move
+from plait.core.loop import fit
+from plait.core.runs import load, load_run
+from plait.launch.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +20,6 @@ def trained(tmp_path_factory):
     import os
 
     import yaml
-
     from conftest import TINY_PLUGINS
 
     root = tmp_path_factory.mktemp("e2e")

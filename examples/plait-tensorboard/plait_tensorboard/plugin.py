@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from numbers import Number
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 
 from plait.core.config import Options
 from plait.core.hookspecs import hookimpl
+from plait.core.stash import StashKey
 
-PLAIT_API = ">=1.1,<2"
+PLAIT_API = ">=1.4,<2"  # plugins.stash came in 1.4
 NOT_SCALARS = {"step", "epoch", "split"}
 
 
@@ -24,8 +26,8 @@ class TensorBoardOptions(Options):
     log_dir: str | None = Field(None, description="where the event files go (default: RUN_DIR/tensorboard)")
 
 
-class _Writer:
-    current = None
+#: This run's event writer, in its ``plugins.stash`` (a process may train several runs).
+WRITER = StashKey[Any]()
 
 
 @hookimpl
@@ -40,21 +42,22 @@ def plait_fit_start(state):
     from torch.utils.tensorboard import SummaryWriter
 
     log_dir = state.config.options(TensorBoardOptions).log_dir or Path(state.run_dir) / "tensorboard"
-    _Writer.current = SummaryWriter(log_dir=str(log_dir))
+    state.plugins.stash[WRITER] = SummaryWriter(log_dir=str(log_dir))
 
 
 @hookimpl
 def plait_log_metrics(metrics, step, state):
-    if _Writer.current is None:
+    writer = state.plugins.stash.get(WRITER, None)
+    if writer is None:
         return
     for name, value in metrics.items():
         if name not in NOT_SCALARS and isinstance(value, Number):
-            _Writer.current.add_scalar(f"{metrics.get('split', 'train')}/{name}", value, step)
+            writer.add_scalar(f"{metrics.get('split', 'train')}/{name}", value, step)
 
 
 @hookimpl
 def plait_fit_end(state):
-    writer, _Writer.current = _Writer.current, None
+    writer = state.plugins.stash.get(WRITER, None)
     if writer is None:
         return
     for group, values in state.metrics.get("test", {}).items():  # fused, and each modality alone

@@ -1,0 +1,110 @@
+"""What the loop needs from torch.distributed, and how a runner plugs into it.
+
+Every collective here is the identity in one process, so the loop has one code path whether
+it runs alone or in a Ray Train worker.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+__all__ = ["Distributed", "all_gather", "all_reduce_max", "all_reduce_sum", "pick_device", "seed_everything",
+           "sync_buffers", "unwrap"]
+
+
+def _identity(model: torch.nn.Module) -> torch.nn.Module:
+    return model
+
+
+def _same_loader(loader: DataLoader[Any], add_dist_sampler: bool) -> DataLoader[Any]:
+    return loader
+
+
+@dataclass
+class Distributed:
+    """How a distributed runner plugs into ``fit``; the defaults are one process.
+
+    ``prepare_loader(loader, add_dist_sampler)`` may swap the sampler for a distributed one
+    (training); evaluation loaders come already sharded and ask for no sampler.
+    Collectives go through ``torch.distributed`` when a process group is initialised.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = _identity
+    prepare_loader: Callable[[DataLoader[Any], bool], DataLoader[Any]] = _same_loader
+    device: torch.device | None = None
+    #: Every forward is a collective (FSDP gathers each unit's weights): evaluation then runs
+    #: the same number of batches on every worker, repeating its last batch where it has fewer.
+    lockstep: bool = False
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sums over all workers (identity in one process)."""
+    return _all_reduce(values, torch.distributed.ReduceOp.SUM)
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Element-wise maxima over all workers (identity in one process)."""
+    return _all_reduce(values, torch.distributed.ReduceOp.MAX)
+
+
+def _all_reduce(values: list[float], op: Any) -> list[float]:
+    if not _distributed():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=op)
+    reduced: list[float] = tensor.tolist()
+    return reduced
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """``obj`` from every worker, by rank."""
+    if not _distributed():
+        return [obj]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Every worker's buffers (batch-norm statistics) become rank 0's, which are the ones a
+    checkpoint keeps (nothing in one process)."""
+    if not _distributed():
+        return
+    buffers = [b for b in model.buffers() if b.numel()]
+    for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every worker
+        same = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.reshape(-1) for b in same])
+        torch.distributed.broadcast(flat, src=0)
+        for buffer, value in zip(same, torch.split(flat, [b.numel() for b in same]), strict=True):
+            buffer.copy_(value.view_as(buffer))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside a DDP wrapper (checkpoints hold the plain weights); an FSDP or
+    plain model is its own."""
+    inner = getattr(model, "module", model)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
