@@ -111,7 +111,11 @@ def _print_order(args: argparse.Namespace) -> int:
     """Per hook, the config's plugins in the order they run."""
     from plait.launch.hookdoc import hook_order
 
-    _, plugins = load(args.order, [])
+    from plait.launch.ray_runner import add_runner_plugins
+
+    config, plugins = load(args.order, [])
+    # and the plugins `plait train` adds on rank 0 (a stand-in for the driver's queue: nothing is sent)
+    add_runner_plugins(plugins, config, progress=object() if config.scaling.num_workers else None)
     order = hook_order(plugins)
     if args.json:
         print(json.dumps(order, indent=1))
@@ -119,7 +123,8 @@ def _print_order(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"hook order for {args.order} (start hooks in YAML order, end hooks reversed)")
+    table = Table(title=f"hook order for {args.order} (start hooks in YAML order, end hooks reversed; "
+                        "plait-* plugins are the runner's)")
     table.add_column("hook")
     table.add_column("plugins, in the order they run")
     for hook, names in order.items():

@@ -28,6 +28,7 @@ from plait.core.config import PlaitConfig
 from plait.core.distributed import Distributed, sync_buffers
 from plait.core.errors import ConfigError, PlaitError, PluginError
 from plait.core.hookspecs import hookimpl
+from plait.core.manager import Plugins
 from plait.core.loop import fit
 from plait.core.model import leaves_parameters_unused
 from plait.core.runs import prepare
@@ -115,11 +116,11 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     config, plugins = prepare(loop_config["raw"], loop_config["source"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    if rank == 0:
+        add_runner_plugins(plugins, config, loop_config.get("progress"))
     if is_uri(config.run.runs_dir):  # train in a local folder filled from storage, rank 0 uploads
         remote = RemoteRuns(config.run.runs_dir, config.source)
         config.run.runs_dir = str(remote.stage(config.run.name, staging_dir(remote.uri, rank)).parent)
-        if rank == 0:
-            plugins.register(StorageSync(remote), name="plait-storage")
     strategy = config.scaling.strategy
 
     prepared: dict[str, torch.nn.Module] = {}
@@ -144,8 +145,6 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     )
     if loop_config.get("progress") is not None:
         _send_nowait(loop_config["progress"], {"worker": {"rank": rank, **where_this_worker_logs()}})
-        if rank == 0:
-            plugins.register(ProgressForwarder(loop_config["progress"]), name="plait-ray-progress")
     try:
         state = fit(config, plugins, dist)
     except RuntimeError as exc:
@@ -153,6 +152,16 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             raise
         raise undeclared_unused_parameters(prepared["model"], str(exc)) from None
     ray.train.report({"run": state.metrics.get("run", {})})
+
+
+def add_runner_plugins(plugins: Plugins, config: PlaitConfig, progress: Any) -> None:
+    """The runner's own plugins on rank 0, registered like any other so that ``plait plugins
+    --order`` lists them: the upload to a remote runs folder, and progress for the driver's bar
+    (``progress``: the driver's queue, None in Ray's local mode)."""
+    if is_uri(config.run.runs_dir):
+        plugins.register(StorageSync(config.run.runs_dir, config.source), name="plait-storage")
+    if progress is not None:
+        plugins.register(ProgressForwarder(progress), name="plait-ray-progress")
 
 
 def where_this_worker_logs() -> dict[str, Any]:

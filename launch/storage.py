@@ -14,6 +14,7 @@ import hashlib
 import re
 import shutil
 import tempfile
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +126,15 @@ def staging_dir(uri: str, rank: int) -> Path:
 class StorageSync:
     """Registered on rank 0 when the runs folder is remote: uploads as the run goes.
 
-    Registered after the config's plugins, so its ``plait_fit_end`` runs after theirs (end
-    hooks run in reverse order) and uploads the files they wrote (plots, reports)."""
+    A runner plugin (``Plugins.register``): its ``plait_fit_end`` runs after the config's plugins'
+    (end hooks run in reverse order) and uploads the files they wrote (plots, reports)."""
 
-    def __init__(self, remote: RemoteRuns) -> None:
-        self.remote = remote
+    def __init__(self, uri: str, source: str = "config") -> None:
+        self.uri, self.source = uri, source
+
+    @cached_property
+    def remote(self) -> RemoteRuns:
+        return RemoteRuns(self.uri, self.source)
 
     @hookimpl
     def plait_checkpoint_saved(self, state, path) -> None:
