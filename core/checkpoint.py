@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import DataError, PlaitError
 
+__all__ = ["PREFIX", "CheckpointError", "latest", "list_checkpoints", "load", "model_weights", "save", "what_is_kept"]
+
 
 class CheckpointError(PlaitError):
     """A checkpoint could not be written."""

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import ConfigError, nearest
 
+__all__ = ["Options", "PlaitConfig", "RunSettings", "ScalingSettings", "load_config", "merge", "resolve"]
+
 M = TypeVar("M", bound=BaseModel)
 
 

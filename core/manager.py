@@ -23,7 +23,8 @@ from . import hookspecs
 from .errors import PluginError, nearest
 from .stash import Stash
 
-__all__ = ["Hook", "PluginInfo", "Plugins", "hook_name", "list_plugins"]
+__all__ = ["BUILTIN_PREFIX", "ENTRY_POINT_GROUP", "Hook", "PluginInfo", "Plugins", "discover", "hook_name",
+           "list_plugins"]
 
 ENTRY_POINT_GROUP = "plait"
 BUILTIN_PREFIX = "plait.plugins."

@@ -17,6 +17,9 @@ from .config import PlaitConfig
 from .errors import PluginError
 from .manager import Plugins
 
+__all__ = ["MultimodalModel", "build_model", "cpu_latency_ms", "leaves_parameters_unused", "median_forward_ms",
+           "select_rows", "touch"]
+
 log = logging.getLogger("plait")
 
 

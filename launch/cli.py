@@ -110,7 +110,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def _print_order(args: argparse.Namespace) -> int:
     """Per hook, the config's plugins in the order they run."""
     from plait.launch.hookdoc import hook_order
-
     from plait.launch.ray_runner import add_runner_plugins
 
     config, plugins = load(args.order, [])

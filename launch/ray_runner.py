@@ -28,8 +28,8 @@ from plait.core.config import PlaitConfig
 from plait.core.distributed import Distributed, sync_buffers
 from plait.core.errors import ConfigError, PlaitError, PluginError
 from plait.core.hookspecs import hookimpl
-from plait.core.manager import Plugins
 from plait.core.loop import fit
+from plait.core.manager import Plugins
 from plait.core.model import leaves_parameters_unused
 from plait.core.runs import prepare
 from plait.launch.storage import RemoteRuns, StorageSync, is_uri, staging_dir

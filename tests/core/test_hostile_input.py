@@ -1,7 +1,7 @@
 """Hostile input, property-based (hypothesis): random YAML documents and override strings against the
 config loader, random manifest rows, truncated and garbage image and audio files. Every case must end
 in a result or one PlaitError (what the CLI prints as one line): no other exception, no hang, no row
-silently dropped. `pytest tests/test_hostile_input.py --hypothesis-show-statistics` prints the cases tried."""
+silently dropped. `pytest tests/core/test_hostile_input.py --hypothesis-show-statistics` prints the cases tried."""
 import csv
 import io
 import json

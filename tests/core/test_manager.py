@@ -213,7 +213,51 @@ def test_docs_hooks_md_is_the_hook_reference(capsys):
 
     assert main(["hooks"]) == 0
     printed = capsys.readouterr().out
-    docs = Path(__file__).parents[1] / "docs" / "hooks.md"
+    docs = Path(__file__).parents[2] / "docs" / "hooks.md"
     assert docs.read_text() == printed, "docs/hooks.md is stale: run `plait hooks > docs/hooks.md`"
     assert all(f"### `{name}(" in printed for name in hook_names())
     assert len(hook_names()) >= 20 and "plait_build_model" in hook_names()
+
+
+@pytest.mark.parametrize("marker", ["wrapper=True", "hookwrapper=True"])
+def test_a_pluggy_wrapper_is_refused_at_load_naming_the_plugin(plugin_dir, marker):
+    plugin_dir("wrapping_plugin", f"""
+        from plait.core.hookspecs import hookimpl
+        @hookimpl({marker})
+        def plait_fit_start(state):
+            yield
+    """)
+    with pytest.raises(PluginError, match="plugin 'wrapping_plugin': 'plait_fit_start' is a pluggy wrapper"):
+        Plugins().load(["wrapping_plugin"])
+
+
+def test_a_registered_object_wraps_the_loaded_plugins_and_tryfirst_goes_first(plugin_dir):
+    from plait.core import hookspecs
+    from plait.core.hookspecs import hookimpl
+
+    names = [plugin_dir(f"wrap_{n}", RECORDING_PLUGIN.replace("{name}", n)) for n in ("a", "b")]
+    plugin_dir("eager", """
+        from plait.core.hookspecs import hookimpl
+        @hookimpl(tryfirst=True)
+        def plait_fit_end(state):
+            state.append(("end", "eager"))
+    """)
+    plugins = Plugins().load([*names, "eager"])
+
+    class Runner:
+        @hookimpl
+        def plait_fit_start(self, state):
+            state.append(("start", "runner"))
+
+        @hookimpl
+        def plait_fit_end(self, state):
+            state.append(("end", "runner"))
+
+    plugins.register(Runner(), name="runner")
+    calls: list = []
+    plugins.call_each(hookspecs.plait_fit_start, state=calls)  # the hookspec itself, as the loop calls it
+    plugins.call_each(hookspecs.plait_fit_end, state=calls)
+    assert calls == [("start", "runner"), ("start", "a"), ("start", "b"),
+                     ("end", "eager"), ("end", "b"), ("end", "a"), ("end", "runner")]
+    assert plugins.implementers(hookspecs.plait_fit_end) == ["eager", "wrap_b", "wrap_a", "runner"]
+    assert plugins.order[0] == "runner" and plugins.infos["runner"].source == "runner"

@@ -267,7 +267,7 @@ def test_preprocess_errors_are_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_text_model_reads_market_numbers_through_the_finance_plugin(tmp_path):
-    config = yaml.safe_load((Path(__file__).parents[1] / "examples/domains/finance.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).parents[2] / "examples/domains/finance.yaml").read_text())
     config["run"].update(runs_dir=str(tmp_path), epochs=2)
     path = tmp_path / "finance.yaml"
     path.write_text(yaml.safe_dump(config))
