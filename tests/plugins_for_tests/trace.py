@@ -76,21 +76,9 @@ plait_epoch_end = _state_hook("plait_epoch_end")
 plait_fit_end = _state_hook("plait_fit_end")
 plait_train_metrics = _state_hook("plait_train_metrics")
 plait_checkpoint_saved = _state_hook("plait_checkpoint_saved")
-
-
-@hookimpl
-def plait_batch_start(state):
-    _record(state.config, "plait_batch_start")
-
-
-@hookimpl
-def plait_loss_terms(state):
-    _record(state.config, "plait_loss_terms")
-
-
-@hookimpl
-def plait_batch_end(state):
-    _record(state.config, "plait_batch_end")
+plait_batch_start = _state_hook("plait_batch_start")
+plait_loss_terms = _state_hook("plait_loss_terms")
+plait_batch_end = _state_hook("plait_batch_end")
 
 
 @hookimpl
