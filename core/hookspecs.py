@@ -75,6 +75,9 @@ API history: 1.0 the first contract; 1.1 added ``plait_build_model``, ``plait_tr
 1.2 the ``plugins`` argument of ``plait_configure_model``; 1.3 ``plait_compress``; 1.4 the ``split``
 and ``modalities`` arguments of ``plait_eval_batch`` and ``plait_eval_metrics``, and
 ``plugins.stash`` for per-run objects.
+
+Its length (over 400 lines) is deliberate: it is the whole contract, the drawing and one docstring a
+hook, read top to bottom as the reference (``plait hooks``).
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from plait.core.errors import ConfigError, DataError
 from plait.core.evaluation import evaluate_by_modality
 from plait.core.files import write_json_atomic, write_text_atomic
 from plait.core.model import cpu_latency_ms
+from plait.core.report import markdown_table, write_report
 from plait.core.runs import RUN_INFO, load_run, prepare
 from plait.core.state import CompressJob, RunState
 
@@ -115,7 +116,7 @@ def compress_run(run_dir: Path, spec_path: str | None = None, overrides: list[st
         raise
     _check_reloads(model, reloaded.model, batch, source.device)
     after = _measure(reloaded, batch)
-    (out_dir / "report.md").write_text(report(run_dir, out_dir, before, after, job.notes))
+    write_report(out_dir / "report.md", report(run_dir, out_dir, before, after, job.notes))
     return {"run_dir": str(out_dir), "before": before, "after": after, "notes": job.notes}
 
 
@@ -129,21 +130,23 @@ def _check_reloads(model: torch.nn.Module, reloaded: torch.nn.Module, batch: dic
                         "what it changed (job.set_plugin_options)")
 
 
-def report(source_dir: Path, out_dir: Path, before: dict, after: dict, notes: list[str]) -> str:
+def report(source_dir: Path, out_dir: Path, before: dict, after: dict, notes: list[str]) -> list[str]:
+    """report.md's lines: size and latency, then test accuracy, before and after."""
     lines = [f"# Compression report: {out_dir.name}", "", f"From `{source_dir}`.", ""]
     lines += [f"- {note}" for note in notes]
-    lines += ["", "Latency: CPU, one thread, median of 5; size: model.safetensors.", "",
-              "| | before | after | ratio |", "|---|---:|---:|---:|"]
-    for key, label, better in (("size_mib", "size on disk (MiB)", "smaller"),
-                               ("latency_bs1_ms", "latency batch 1 (ms)", "faster"),
-                               ("latency_bs32_ms", "latency batch 32 (ms)", "faster")):
-        lines.append(f"| {label} | {before[key]:.2f} | {after[key]:.2f} | {before[key] / after[key]:.2f}x {better} |")
+    lines += ["", "Latency: CPU, one thread, median of 5; size: model.safetensors.", ""]
+    lines += markdown_table(["", "before", "after", "ratio"], [
+        [label, f"{before[key]:.2f}", f"{after[key]:.2f}", f"{before[key] / after[key]:.2f}x {better}"]
+        for key, label, better in (("size_mib", "size on disk (MiB)", "smaller"),
+                                   ("latency_bs1_ms", "latency batch 1 (ms)", "faster"),
+                                   ("latency_bs32_ms", "latency batch 32 (ms)", "faster"))])
     if after["latency_bs1_ms"] > before["latency_bs1_ms"] or after["latency_bs32_ms"] > before["latency_bs32_ms"]:
         lines += ["", ("Slower where the ratio is below 1x: with little data per layer (batch 1), converting "
                   "activations to and from int8 around each quantized layer costs more than the int8 arithmetic "
                   "saves.")]
-    lines += ["", "| test accuracy | before | after | change |", "|---|---:|---:|---:|"]
-    for modality, metrics in before["accuracy"].items():
-        a, b = metrics["accuracy"], after["accuracy"][modality]["accuracy"]
-        lines.append(f"| {modality} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
-    return "\n".join(lines) + "\n"
+    lines += [""]
+    changes = [(modality, metrics["accuracy"], after["accuracy"][modality]["accuracy"])
+               for modality, metrics in before["accuracy"].items()]
+    lines += markdown_table(["test accuracy", "before", "after", "change"],
+                            [[modality, f"{a:.4f}", f"{b:.4f}", f"{b - a:+.4f}"] for modality, a, b in changes])
+    return lines

@@ -21,6 +21,9 @@ What does what, and why:
 
     plugins:
       medical: {replace: surrogate, codes_as_tokens: true}
+
+Its length (over 600 lines) is deliberate: a built-in plugin is one module, and de-identification,
+condition coding and their context rules share one pass over the text, which must stay in this order.
 """
 from __future__ import annotations
 

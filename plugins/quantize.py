@@ -24,6 +24,9 @@ quantizes the structure first and then loads the stored int8 weights. Nothing is
 
     plait compress runs/digits                 # the quantize plugin with its defaults
     plait compress runs/digits compress.yaml   # plugins: {quantize: {backend: static_int8}}
+
+Its length (over 400 lines) is deliberate: a built-in plugin is one module, and each backend's
+building, training and reloading must agree with the others on how quantized layers are stored.
 """
 from __future__ import annotations
 
