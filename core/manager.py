@@ -265,10 +265,11 @@ def list_plugins(extra: Iterable[str] = ()) -> list[PluginInfo]:
         if reason:
             info.status, info.error = "blocked", reason
         else:
-            try:
-                module = _import(info)
+            try:  # the checks a run makes: it imports, its hooks exist, none is a wrapper
+                alone = Plugins()
+                alone.infos[name] = info
+                alone._add(_import(info), name)
                 info.status = "loaded"
-                info.hooks = sorted(n for n in dir(module) if n.startswith("plait_"))
             except PluginError as exc:
                 info.status, info.error = "failed", str(exc)
         infos.append(info)

@@ -17,11 +17,12 @@ never in a module global or class attribute::
 """
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast, overload
 
 __all__ = ["Stash", "StashKey"]
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 
 class StashKey(Generic[T]):
@@ -44,8 +45,14 @@ class Stash:
     def __getitem__(self, key: StashKey[T]) -> T:
         return cast(T, self._values[key])
 
-    def get(self, key: StashKey[T], default: T) -> T:
-        return cast(T, self._values.get(key, default))
+    @overload
+    def get(self, key: StashKey[T]) -> T | None: ...
+
+    @overload
+    def get(self, key: StashKey[T], default: D) -> T | D: ...
+
+    def get(self, key: StashKey[Any], default: object = None) -> object:
+        return self._values.get(key, default)
 
     def setdefault(self, key: StashKey[T], default: T) -> T:
         return cast(T, self._values.setdefault(key, default))

@@ -4,21 +4,24 @@ from __future__ import annotations
 import json
 
 from plait.core.hookspecs import hookimpl
+from plait.core.stash import StashKey
 
-_rows: list[dict] = []
+#: The rows this run has logged (in the run's stash).
+ROWS = StashKey[list[dict]]()
 
 
 @hookimpl
 def plait_fit_start(state):
-    _rows.clear()
+    rows: list[dict] = []
+    state.plugins.stash[ROWS] = rows
     metrics_file = state.run_dir / "metrics.jsonl"
     if metrics_file.exists():  # a resumed run draws its whole history
-        _rows.extend(json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip())
+        rows.extend(json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip())
 
 
 @hookimpl
-def plait_log_metrics(metrics):
-    _rows.append(dict(metrics))
+def plait_log_metrics(metrics, state):
+    state.plugins.stash.setdefault(ROWS, []).append(dict(metrics))
 
 
 def plot(rows: list[dict], path) -> None:
@@ -45,6 +48,7 @@ def plot(rows: list[dict], path) -> None:
 
 @hookimpl
 def plait_fit_end(state):
-    if state.is_main and _rows:
-        plot(_rows, state.run_dir / "curves.png")
+    rows = state.plugins.stash.get(ROWS, [])
+    if state.is_main and rows:
+        plot(rows, state.run_dir / "curves.png")
 

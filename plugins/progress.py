@@ -2,12 +2,31 @@
 with the validation metrics. Main process only."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from plait.core.hookspecs import hookimpl
+from plait.core.stash import StashKey
 
-_bar: dict = {}
+
+@dataclass
+class _Bar:
+    progress: Progress
+    task: TaskID
+
+
+#: This run's bar (in the run's stash; main process only).
+BAR = StashKey[_Bar]()
 
 
 @hookimpl
@@ -21,31 +40,31 @@ def plait_fit_start(state):
     )
     task = progress.add_task(state.config.run.name, total=state.total_steps, completed=state.step, loss="-", speed="-")
     progress.start()
-    _bar.update(progress=progress, task=task)
+    state.plugins.stash[BAR] = _Bar(progress, task)
 
 
 @hookimpl
 def plait_batch_end(state):
-    if "progress" in _bar:
-        _bar["progress"].update(_bar["task"], completed=state.step)
+    bar = state.plugins.stash.get(BAR)
+    if bar is not None:
+        bar.progress.update(bar.task, completed=state.step)
 
 
 @hookimpl
-def plait_log_metrics(metrics):
-    if "progress" not in _bar:
+def plait_log_metrics(metrics, state):
+    bar = state.plugins.stash.get(BAR)
+    if bar is None:
         return
-    progress = _bar["progress"]
     if metrics.get("split") == "train":
-        progress.update(_bar["task"], loss=f"{metrics['loss']:.3f}", speed=f"{metrics['samples_per_s']:.0f}")
+        bar.progress.update(bar.task, loss=f"{metrics['loss']:.3f}", speed=f"{metrics['samples_per_s']:.0f}")
     elif metrics.get("split") == "val":
-        progress.console.print(
+        bar.progress.console.print(
             f"epoch {metrics['epoch'] + 1}: val accuracy {metrics['accuracy']:.4f}, val loss {metrics['loss']:.4f}"
         )
 
 
 @hookimpl
 def plait_fit_end(state):
-    progress = _bar.pop("progress", None)
-    if progress is not None:
-        progress.stop()
-    _bar.clear()
+    bar = state.plugins.stash.get(BAR)
+    if bar is not None:
+        bar.progress.stop()

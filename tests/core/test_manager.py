@@ -229,6 +229,8 @@ def test_a_pluggy_wrapper_is_refused_at_load_naming_the_plugin(plugin_dir, marke
     """)
     with pytest.raises(PluginError, match="plugin 'wrapping_plugin': 'plait_fit_start' is a pluggy wrapper"):
         Plugins().load(["wrapping_plugin"])
+    listed = {i.name: i for i in list_plugins(["wrapping_plugin"])}["wrapping_plugin"]
+    assert listed.status == "failed" and "pluggy wrapper" in listed.error  # `plait plugins` says so too
 
 
 def test_a_registered_object_wraps_the_loaded_plugins_and_tryfirst_goes_first(plugin_dir):

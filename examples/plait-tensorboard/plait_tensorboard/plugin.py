@@ -47,7 +47,7 @@ def plait_fit_start(state):
 
 @hookimpl
 def plait_log_metrics(metrics, step, state):
-    writer = state.plugins.stash.get(WRITER, None)
+    writer = state.plugins.stash.get(WRITER)
     if writer is None:
         return
     for name, value in metrics.items():
@@ -57,7 +57,7 @@ def plait_log_metrics(metrics, step, state):
 
 @hookimpl
 def plait_fit_end(state):
-    writer = state.plugins.stash.get(WRITER, None)
+    writer = state.plugins.stash.get(WRITER)
     if writer is None:
         return
     for group, values in state.metrics.get("test", {}).items():  # fused, and each modality alone
