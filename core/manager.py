@@ -122,11 +122,11 @@ def hook_name(hook: Hook) -> str:
     return hook if isinstance(hook, str) else hook.__name__
 
 
-def _call(impl: pluggy.HookImpl, name: str, kwargs: dict[str, Any]) -> Any:
+def _call(impl: pluggy.HookImpl, hook: Hook, kwargs: dict[str, Any]) -> Any:
     try:
         return impl.function(*[kwargs[a] for a in impl.argnames])
     except Exception as exc:
-        exc.add_note(f"in plugin '{impl.plugin_name}', hook '{name}'")
+        exc.add_note(f"in plugin '{impl.plugin_name}', hook '{hook_name(hook)}'")
         raise
 
 
@@ -147,7 +147,7 @@ class Plugins:
         self.infos: dict[str, PluginInfo] = {}
         #: Per-run objects of the plugins (a distillation's teacher): ``plugins.stash[KEY]``.
         self.stash = Stash()
-        self._ordered: dict[str, list[pluggy.HookImpl]] = {}
+        self._ordered: dict[Hook, list[pluggy.HookImpl]] = {}
 
     def load(self, names: Iterable[str]) -> Plugins:
         """Import and register ``names``; the first name runs first."""
@@ -205,11 +205,13 @@ class Plugins:
 
     def implementers(self, hook: Hook) -> list[str]:
         """The plugins implementing ``hook``, in the order they are called."""
-        return [impl.plugin_name for impl in self._in_order(hook_name(hook))]
+        return [impl.plugin_name for impl in self._in_order(hook)]
 
-    def _in_order(self, name: str) -> list[pluggy.HookImpl]:
-        found = self._ordered.get(name)
+    def _in_order(self, hook: Hook) -> list[pluggy.HookImpl]:
+        """``hook``'s implementations in calling order (kept until a plugin is added)."""
+        found = self._ordered.get(hook)
         if found is None:
+            name = hook_name(hook)
             position = {plugin: i for i, plugin in enumerate(self.order)}
             last = len(position)
             impls = getattr(self._pm.hook, name).get_hookimpls()
@@ -217,7 +219,7 @@ class Plugins:
                 key = lambda i: (not i.tryfirst, i.trylast, last - position.get(i.plugin_name, last))  # noqa: E731
             else:
                 key = lambda i: (not i.tryfirst, i.trylast, position.get(i.plugin_name, last))  # noqa: E731
-            found = self._ordered[name] = sorted(impls, key=key)
+            found = self._ordered[hook] = sorted(impls, key=key)
         return found
 
     def call_each(self, hook: Hook, **kwargs: Any) -> dict[str, Any]:
@@ -225,31 +227,27 @@ class Plugins:
 
         An exception gets a note naming the plugin and hook, so a traceback says who failed.
         """
-        name = hook_name(hook)
-        return {impl.plugin_name: _call(impl, name, kwargs) for impl in self._in_order(name)}
+        return {impl.plugin_name: _call(impl, hook, kwargs) for impl in self._in_order(hook)}
 
     def call_one(self, plugin_name: str, hook: Hook, **kwargs: Any) -> Any:
         """Call one plugin's implementation of a hook (None if it has none)."""
-        name = hook_name(hook)
-        for impl in self._in_order(name):
+        for impl in self._in_order(hook):
             if impl.plugin_name == plugin_name:
-                return _call(impl, name, kwargs)
+                return _call(impl, hook, kwargs)
         return None
 
     def chain(self, hook: Hook, value_arg: str, **kwargs: Any) -> Any:
         """Pass ``kwargs[value_arg]`` through every implementation in order; None keeps it."""
-        name = hook_name(hook)
-        for impl in self._in_order(name):
-            result = _call(impl, name, kwargs)
+        for impl in self._in_order(hook):
+            result = _call(impl, hook, kwargs)
             if result is not None:
                 kwargs[value_arg] = result
         return kwargs[value_arg]
 
     def first(self, hook: Hook, **kwargs: Any) -> Any:
         """The first non-None result of a first-result hook, or None when no plugin answered."""
-        name = hook_name(hook)
-        for impl in self._in_order(name):
-            result = _call(impl, name, kwargs)
+        for impl in self._in_order(hook):
+            result = _call(impl, hook, kwargs)
             if result is not None:
                 return result
         return None
