@@ -3,8 +3,10 @@ real market-data task, legal retrieval over the U.S. Constitution.
 
     .venv/bin/python benchmarks/domains.py [--only medical,finance,legal] [--runs-dir DIR] [--show-misses]
 
-Last line: one JSON object with phi_recall, entity_f1, negation_accuracy, finance_acc_with, finance_acc_without,
-legal_recall_at_5, legal_mrr (and the figures behind them).
+Last line: one JSON object with phi_recall, entity_f1, negation_accuracy, phi_recall_faker, name_recall_faker,
+name_fp_rate, finance_acc_with, finance_acc_without, legal_recall_at_5, legal_mrr (and the figures behind them).
+The Faker set (benchmarks/phi_faker.py: 24 locales) and benchmarks/data/not_names.txt were written apart from
+the medical plugin's rules; benchmarks/data/clinical_notes.txt was written while building them.
 """
 from __future__ import annotations
 
@@ -50,31 +52,95 @@ def parse_notes(path: Path) -> list[dict]:
     return notes
 
 
-def measure_medical(show_misses: bool) -> dict:
+def score_phi(notes: list[dict]) -> dict:
+    """PHI recall of the medical de-identifier on ``notes``: a gold span counts as found when every
+    character of it (whitespace aside) is inside a predicted span. Also by type, and the misses."""
     from plait.plugins import medical
 
-    notes = parse_notes(DATA / "clinical_notes.txt")
-    gold_phi = found_phi = typed_phi = predicted_phi = 0
-    true_pos = false_pos = false_neg = exact_code = 0
-    flag_right = {"negated": 0, "uncertain": 0, "historical": 0}
+    gold = found = typed = predicted = 0
+    by_type: dict[str, list[int]] = {}
     misses: list[str] = []
-    started = time.perf_counter()
     for note in notes:
         text = note["text"]
         spans = medical.find_phi(text)
-        predicted_phi += len(spans)
+        predicted += len(spans)
         covered = [False] * len(text)
-        types = [None] * len(text)
+        types: list[str | None] = [None] * len(text)
         for s in spans:
             for i in range(s.start, s.end):
                 covered[i], types[i] = True, s.type
         for g in note["phi"]:
-            gold_phi += 1
-            if all(covered[i] or text[i].isspace() for i in range(g["start"], g["end"])):
-                found_phi += 1
-                typed_phi += types[g["start"]] == g["type"]
+            gold += 1
+            hit = all(covered[i] or text[i].isspace() for i in range(g["start"], g["end"]))
+            counts = by_type.setdefault(g["type"], [0, 0])
+            counts[0] += hit
+            counts[1] += 1
+            if hit:
+                found += 1
+                typed += types[g["start"]] == g["type"]
             else:
                 misses.append(f"PHI missed {g['type']}: {text[g['start']:g['end']]!r} in {text!r}")
+    return {"gold": gold, "found": found, "typed": typed, "predicted": predicted, "misses": misses,
+            "by_type": {t: round(hit / total, 4) for t, (hit, total) in sorted(by_type.items())}}
+
+
+def name_false_positives() -> tuple[float, list[str]]:
+    """The share of benchmarks/data/not_names.txt's drug names, eponyms and anatomical terms of which
+    the de-identifier takes any part for a NAME, each in a sentence of its section; and those terms."""
+    from plait.plugins import medical
+
+    template, flagged, total = "{}", [], 0
+    for line in (DATA / "not_names.txt").read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            template = line.split("] ", 1)[1]
+            continue
+        text = template.format(line)
+        start = text.index(line)
+        total += 1
+        if any(s.type == "NAME" and s.start < start + len(line) and start < s.end for s in medical.find_phi(text)):
+            flagged.append(line)
+    return len(flagged) / max(1, total), flagged
+
+
+def measure_phi_faker(show_misses: bool) -> dict:
+    """PHI recall on benchmarks/phi_faker.py's sentences (24 locales), and names' false positives."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from phi_faker import LOCALES, generate
+
+    notes = generate()
+    phi = score_phi(notes)
+    by_locale = {locale: score_phi([n for n in notes if n["locale"] == locale]) for locale in LOCALES}
+    fp_rate, flagged = name_false_positives()
+    if show_misses:
+        print("\n".join(phi["misses"] + [f"taken for a name: {term!r}" for term in flagged]), file=sys.stderr)
+    names = sum(1 for n in notes for g in n["phi"] if g["type"] == "NAME")
+    result = {"phi_recall_faker": round(phi["found"] / phi["gold"], 4), "phi_gold_faker": phi["gold"],
+              "name_recall_faker": phi["by_type"].get("NAME"), "names_faker": names,
+              "phi_recall_faker_by_type": phi["by_type"], "faker_locales": len(LOCALES),
+              "phi_recall_faker_by_locale": {k: round(v["found"] / v["gold"], 4) for k, v in by_locale.items()},
+              "name_fp_rate": round(fp_rate, 4), "name_fp_terms": len(flagged)}
+    worst = sorted(result["phi_recall_faker_by_locale"].items(), key=lambda item: item[1])[:3]
+    print(f"medical, Faker: {len(notes)} sentences in {len(LOCALES)} locales, {phi['gold']} PHI spans "
+          f"(recall {result['phi_recall_faker']:.3f}), {names} names (recall {result['name_recall_faker']:.3f}); "
+          f"lowest locales {worst}; {len(flagged)} of the not-names taken for names "
+          f"(rate {fp_rate:.3f})", flush=True)
+    return result
+
+
+def measure_medical(show_misses: bool) -> dict:
+    from plait.plugins import medical
+
+    notes = parse_notes(DATA / "clinical_notes.txt")
+    true_pos = false_pos = false_neg = exact_code = 0
+    flag_right = {"negated": 0, "uncertain": 0, "historical": 0}
+    started = time.perf_counter()
+    phi = score_phi(notes)
+    misses: list[str] = phi.pop("misses")
+    gold_phi, found_phi = phi["gold"], phi["found"]
+    for note in notes:
+        text = note["text"]
         # conditions are scored on the original text, so that gold offsets hold
         predicted = medical.find_conditions(text)
         used = set()
@@ -105,8 +171,8 @@ def measure_medical(show_misses: bool) -> dict:
     recall = true_pos / max(1, true_pos + false_neg)
     result = {
         "phi_recall": round(found_phi / gold_phi, 4),
-        "phi_type_accuracy": round(typed_phi / max(1, found_phi), 4),
-        "phi_gold": gold_phi, "phi_predicted": predicted_phi,
+        "phi_type_accuracy": round(phi["typed"] / max(1, found_phi), 4),
+        "phi_gold": gold_phi, "phi_predicted": phi["predicted"],
         "entity_f1": round(2 * precision * recall / max(1e-9, precision + recall), 4),
         "entity_precision": round(precision, 4), "entity_recall": round(recall, 4),
         "entity_code_exact": round(exact_code / max(1, true_pos), 4),
@@ -188,6 +254,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="plait-domains-") as scratch:
         if "medical" in wanted:
             result.update(measure_medical(args.show_misses))
+            result.update(measure_phi_faker(args.show_misses))
         if "legal" in wanted:
             result.update(measure_legal(Path(scratch) / "legal-cache", args.show_misses))
         if "finance" in wanted:
