@@ -89,7 +89,7 @@ def _import(info: PluginInfo) -> ModuleType:
     dist = f" from {info.distribution} {info.version}" if info.distribution else ""
     try:
         module = importlib.import_module(info.module.split(":")[0])
-    except Exception as exc:
+    except Exception as exc:  # any import failure is the plugin's, reported by name
         raise PluginError(
             f"plugin '{info.name}'{dist} failed to import: {type(exc).__name__}: {exc}"
         ) from exc

@@ -262,7 +262,7 @@ def register_plugin_commands(subparsers: Any) -> None:
         try:
             plugins = Plugins().load([name])
             plugins.call_each(hookspecs.plait_register_commands, subparsers=subparsers)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
             print(f"plait: warning: plugin '{name}' could not add its commands: {exc}", file=sys.stderr)
 
 

@@ -15,7 +15,7 @@ __all__ = ["ProgressForwarder", "send_nowait", "show_progress"]
 def send_nowait(queue: Any, event: dict) -> None:
     try:
         queue.put_nowait(event)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a full or gone queue must never stop training
         pass
 
 
@@ -67,7 +67,7 @@ def show_progress(queue: Any, running: threading.Thread, workers: dict[int, dict
         while running.is_alive() or not queue.empty():
             try:
                 event = queue.get(timeout=1.0)  # a long poll: few round trips
-            except (Empty, Exception):
+            except (Empty, Exception):  # noqa: BLE001 - the queue actor goes away with Ray
                 continue
             if "worker" in event:
                 workers[event["worker"]["rank"]] = event["worker"]

@@ -336,7 +336,7 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
     def run() -> None:
         try:
             outcome["result"] = trainer.fit()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             outcome["error"] = exc
 
     if queue is None:

@@ -44,7 +44,7 @@ class RemoteRuns:
         self.uri = uri
         try:
             self.fs, self.root = pyarrow.fs.FileSystem.from_uri(uri)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
             raise ConfigError(f"{source}: run.runs_dir: cannot open {uri}: {exc}") from None
         self.source = source
 
@@ -59,7 +59,7 @@ class RemoteRuns:
             with self.fs.open_output_stream(probe) as out:
                 out.write(b"ok")
             self.fs.delete_file(probe)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - each filesystem raises its own kinds; all mean: not writable
             raise ConfigError(f"{self.source}: run.runs_dir: cannot write to {self.uri}: {exc}") from None
 
     def _listing(self, path: str) -> list[Any]:

@@ -51,7 +51,7 @@ def client(address: str | None) -> Any:
     check_reachable(address)
     try:
         return JobSubmissionClient(address, headers=auth_headers())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - connection and authentication errors, without the token
         raise ConfigError(f"cannot use the Ray job server at {address}: {type(exc).__name__}: {exc}") from None
 
 

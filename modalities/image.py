@@ -73,7 +73,7 @@ def load_image(path: str | Path, size: tuple[int, int], channels: int,
         raise DataError(f"{path}: image file not found") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: unreadable image: not a format Pillow knows") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - decoders of damaged files raise many kinds (struct.error, ...)
         raise DataError(f"{path}: unreadable image: {type(exc).__name__}: {exc}") from None
 
 

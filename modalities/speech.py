@@ -84,7 +84,7 @@ class Espeak:
         self._callback = callback_type(self._collect)  # keep a reference: C holds a pointer
         self.lib.espeak_SetSynthCallback(self._callback)
 
-    def _collect(self, wav: Any, count: int, events: Any) -> int:
+    def _collect(self, wav: Any, count: int, events: Any) -> int:  # a C callback: ctypes arguments
         if count > 0:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
         return 0

@@ -423,7 +423,7 @@ def open_index(options: LegalRagOptions) -> LegalIndex:
     if target.exists():
         try:
             return load_index(target, dense)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any unreadable cache is rebuilt
             log.warning("index cache %s is unreadable (%s: %s); rebuilding it", target, type(exc).__name__, exc)
             shutil.rmtree(target, ignore_errors=True)
     build_index(folder, target, options.chunk_words, dense)

@@ -351,7 +351,7 @@ def _check_backend(options: QuantizeOptions, device: torch.device) -> QuantizeOp
     if options.backend == "weight_only_int4":
         try:
             _weight_only(nn.Sequential(nn.Linear(256, 256)).to(device), ["0"], 4)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure means: not on this device
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             log.warning("quantize: weight_only_int4 is not available on %s (%s); using weight_only_int8 instead",
                         device.type, reason)
