@@ -180,28 +180,26 @@ class Plugins:
 
     def _add(self, plugin: object, name: str) -> None:
         self._pm.register(plugin, name=name)
+        callers = self._pm.get_hookcallers(plugin) or []
         try:
-            self._check_hooks(name)
+            for caller in callers:
+                self._check_hook(caller, name)
         except PluginError:
             self._pm.unregister(name=name)
             raise
-        info = self.infos[name]
-        info.hooks = sorted(impl.name for impl in self._pm.get_hookcallers(plugin) or [])
+        self.infos[name].hooks = sorted(caller.name for caller in callers)
         self._ordered.clear()
 
-    def _check_hooks(self, plugin_name: str) -> None:
-        known = [n for n in dir(hookspecs) if n.startswith("plait_")]
-        for name, caller in vars(self._pm.hook).items():
-            if not name.startswith("plait_"):
-                continue
-            for impl in caller.get_hookimpls():
-                if impl.plugin_name != plugin_name:
-                    continue
-                if not caller.has_spec():
-                    raise PluginError(f"plugin '{plugin_name}' implements unknown hook '{name}'{nearest(name, known)}")
-                if impl.wrapper or impl.hookwrapper:
-                    raise PluginError(f"plugin '{plugin_name}': '{name}' is a pluggy wrapper, which plait does not "
-                                      "call (hooks run one plugin at a time); make it a plain @hookimpl")
+    @staticmethod
+    def _check_hook(caller: pluggy.HookCaller, plugin_name: str) -> None:
+        """Refuse an implementation of a hook that does not exist, and a pluggy wrapper."""
+        if not caller.has_spec():
+            known = [n for n in dir(hookspecs) if n.startswith("plait_")]
+            raise PluginError(f"plugin '{plugin_name}' implements unknown hook '{caller.name}'"
+                              f"{nearest(caller.name, known)}")
+        if any(i.wrapper or i.hookwrapper for i in caller.get_hookimpls() if i.plugin_name == plugin_name):
+            raise PluginError(f"plugin '{plugin_name}': '{caller.name}' is a pluggy wrapper, which plait does not "
+                              "call (hooks run one plugin at a time); make it a plain @hookimpl")
 
     def implementers(self, hook: Hook) -> list[str]:
         """The plugins implementing ``hook``, in the order they are called."""
@@ -213,13 +211,10 @@ class Plugins:
         if found is None:
             name = hook_name(hook)
             position = {plugin: i for i, plugin in enumerate(self.order)}
-            last = len(position)
-            impls = getattr(self._pm.hook, name).get_hookimpls()
-            if name in hookspecs.REVERSED_HOOKS:
-                key = lambda i: (not i.tryfirst, i.trylast, last - position.get(i.plugin_name, last))  # noqa: E731
-            else:
-                key = lambda i: (not i.tryfirst, i.trylast, position.get(i.plugin_name, last))  # noqa: E731
-            found = self._ordered[hook] = sorted(impls, key=key)
+            direction = -1 if name in hookspecs.REVERSED_HOOKS else 1
+            found = self._ordered[hook] = sorted(
+                getattr(self._pm.hook, name).get_hookimpls(),
+                key=lambda i: (not i.tryfirst, i.trylast, direction * position.get(i.plugin_name, len(position))))
         return found
 
     def call_each(self, hook: Hook, **kwargs: Any) -> dict[str, Any]:
