@@ -33,8 +33,9 @@ class RunSettings(Options):
     epochs: int = Field(5, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     batch_size: int = Field(64, ge=1)
-    eval_batch_size: int | None = Field(None, ge=1, description="default: batch_size, so that evaluating "
-                                        "never needs more memory than a training step")
+    # absent or null: batch_size (filled in below), so that the resolved settings always hold a number
+    eval_batch_size: int = Field(64, ge=1, description="default: batch_size, so that evaluating never needs "
+                                 "more memory than a training step")
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(0, ge=0)
@@ -54,9 +55,17 @@ class RunSettings(Options):
     init_from: str | None = Field(None, description="a run folder whose newest weights start this run "
                                   "(fine-tuning); a run resuming from its own checkpoint ignores it")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_eval_batch_size(cls, data: Any) -> Any:
+        """``eval_batch_size: null`` means the default, as leaving it out does."""
+        if isinstance(data, dict) and "eval_batch_size" in data and data["eval_batch_size"] is None:
+            return {k: v for k, v in data.items() if k != "eval_batch_size"}
+        return data
+
     @model_validator(mode="after")
     def _eval_batch_size(self) -> RunSettings:
-        if self.eval_batch_size is None:
+        if "eval_batch_size" not in self.model_fields_set:
             self.eval_batch_size = self.batch_size
         return self
 

@@ -107,7 +107,6 @@ def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[Ru
 def _loaders(config: PlaitConfig, dist: Distributed, model: torch.nn.Module, train_set: TransformedDataset,
              evaluation: dict[str, TransformedDataset | None]) -> _Training:
     run = config.run
-    assert run.eval_batch_size is not None  # RunSettings fills it in
     train = dist.prepare_loader(make_loader(train_set, run.batch_size, True, run.seed, run.loader_workers), True)
     loaders = {split: dist.prepare_loader(make_loader(ds, run.eval_batch_size, False, run.seed, run.loader_workers,
                                                       ShardSampler(len(ds), dist.rank, dist.world_size)), False)

@@ -43,7 +43,6 @@ def _test_loader(state: RunState):
     dataset = build_dataset(state.plugins, state.config, "test")
     if dataset is None:
         raise DataError(f"{state.run_dir}: the run's data set has no test split to measure the compression on")
-    assert state.config.run.eval_batch_size is not None  # RunSettings fills it in
     return make_loader(dataset, state.config.run.eval_batch_size, False, state.config.run.seed, 0)
 
 

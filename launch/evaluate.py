@@ -20,7 +20,6 @@ def evaluate_run(run_dir: Path, data: str | None = None, modalities: list[str] |
     dataset = build_dataset(plugins, config, "test")
     if dataset is None:
         raise DataError(f"{run_dir}: the run's data set has no test split; pass --data MANIFEST")
-    assert config.run.eval_batch_size is not None
     loader = make_loader(dataset, config.run.eval_batch_size, False, config.run.seed, config.run.loader_workers)
     keep = set(modalities) if modalities else None
     metrics: dict[str, Any] = dict(evaluate(state, loader, keep, split="test"))
