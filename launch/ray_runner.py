@@ -116,7 +116,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     config, plugins = prepare(loop_config["raw"], loop_config["source"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    if rank == 0:
+    if rank == 0:  # before a storage URI in run.runs_dir gives way to the local staging folder
         add_runner_plugins(plugins, config, loop_config.get("progress"))
     if is_uri(config.run.runs_dir):  # train in a local folder filled from storage, rank 0 uploads
         remote = RemoteRuns(config.run.runs_dir, config.source)

@@ -37,7 +37,7 @@ import logging
 import types
 import warnings
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from pydantic import Field
@@ -163,9 +163,9 @@ def _load_plain(self: nn.Module, state_dict: dict, prefix: str, local_metadata: 
 def keep_plain_state(module: nn.Module) -> None:
     """Make ``module``'s state dict plain tensors (and read them back), whatever it holds."""
     module.register_state_dict_post_hook(_save_plain)
-    setattr(module, "plait_quantized", True)  # noqa: B010 - an attribute nn.Module does not declare
+    cast(Any, module).plait_quantized = True  # an attribute nn.Module does not declare
     for part in module.modules():  # a bound method: deepcopy rebinds it to the copy
-        setattr(part, "_load_from_state_dict", types.MethodType(_load_plain, part))  # noqa: B010
+        cast(Any, part)._load_from_state_dict = types.MethodType(_load_plain, part)
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
