@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from plait.core.config import Options, apply_override, load_config, load_raw, resolve
 from plait.core.errors import ConfigError
@@ -107,3 +107,14 @@ def test_empty_plugin_block_means_defaults(tmp_path):
     config = resolve(load_config(path), {"moe": Demo}, str(path))
     assert config.options(Demo) == Demo()
 
+
+
+def test_eval_batch_size_follows_batch_size_unless_given():
+    from plait.core.config import RunSettings
+
+    assert RunSettings(batch_size=8).eval_batch_size == 8
+    assert RunSettings.model_validate({"batch_size": 8, "eval_batch_size": None}).eval_batch_size == 8
+    assert RunSettings(batch_size=8, eval_batch_size=3).eval_batch_size == 3
+    with pytest.raises(ValidationError) as err:
+        RunSettings.model_validate({"batch_size": 0})
+    assert [e["loc"] for e in err.value.errors()] == [("batch_size",)]  # one error, not one for each
