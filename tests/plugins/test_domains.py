@@ -45,7 +45,7 @@ def test_surrogates_are_consistent_within_a_text_and_dates_keep_their_spacing():
     first, again, alone = re.findall(r"Mr\. (\w+ \w+) saw|\. (\w+ \w+) returned|; (\w+) is better", new)
     assert first[0] == again[1] and alone[2] == first[0].split()[1]  # "Smith" alone is what "John Smith" became
     first, second = [s for s in spans if s.type == "DATE"]
-    shifted = medical.Surrogates(text)
+    shifted = medical.phi.Surrogates(text)
     a, b = shifted(text[first.start:first.end], "DATE"), shifted(text[second.start:second.end], "DATE")
     as_date = lambda s: date(int(s[6:]), int(s[:2]), int(s[3:5]))  # noqa: E731
     assert (as_date(b) - as_date(a)).days == 6 and a != "03/14/2021"

