@@ -8,11 +8,17 @@ Per sample, in this order, so that no identifier reaches the model, the logs or 
 
 What does what, and why:
 
-- PHI: phone and fax numbers with ``phonenumbers`` (Google's libphonenumber); names, dates, ages over 89,
-  e-mail, URLs, IPs, record and account numbers, street addresses and ZIP codes with the patterns below, and first
-  names from the US census lists the ``names`` package carries. presidio-analyzer was tried first: its URL
-  recognizer downloads the public-suffix list at run time (which fails offline) and its name recognizer needs a
-  spaCy model that is not on PyPI.
+- PHI: dates, ages over 89, e-mail, URLs, IPs, record and account numbers and ZIP codes with patterns; phone
+  numbers with ``phonenumbers`` (Google's libphonenumber) and, for every other country's numbering plan, any
+  7 to 15 digits in a phone's shape that a "+", brackets or a word such as "phone" or "contact" marks.
+  Names by cue (titles, roles and kin: "Dr.", "wife of", "per"), by form (two or more capitalised words of which
+  one is no English or clinical word, particles such as "van der" between; any word in a non-Latin script),
+  and by the US census lists for the English names that are also words. No list of the world's names is
+  needed: ``words`` says what counts as a word. Street addresses in the forms of many countries: a house
+  number, a name and a USPS suffix; a street type first (rue, calle, via, ul., đường); a compound ending in its
+  type (Wellerallee 4); a run of words in another script with its numbers. presidio-analyzer was tried first:
+  its URL recognizer downloads the public-suffix list at run time (which fails offline) and its name
+  recognizer needs a spaCy model, and no spaCy model is on PyPI.
 - Conditions: a spaCy ``PhraseMatcher`` over terms made from the ~98,000 ICD-10-CM descriptions that
   ``simple-icd-10-cm`` carries (", unspecified", "without complications" and the like removed) plus the common
   abbreviations and synonyms in ``SYNONYMS``.

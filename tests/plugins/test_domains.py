@@ -22,8 +22,8 @@ NOTE = ("Patient John Whitaker (MRN 00482913) was seen on 03/14/2021 by Dr. Anil
         "possible pneumonia, history of MI in 2015. John's daughter called on 03/20/2021.")
 PHI = {"John Whitaker": "NAME", "00482913": "MRN", "03/14/2021": "DATE", "Anil Patel": "NAME",
        "(617) 555-0123": "PHONE", "617-555-0199": "FAX", "jw@example.com": "EMAIL", "42 Maple Avenue": "ADDRESS",
-       "62704": "ZIP", "https://portal.example.org/r/55": "URL", "10.24.8.112": "IP", "92": "AGE", "John": "NAME",
-       "03/20/2021": "DATE"}
+       "Springfield": "ADDRESS", "62704": "ZIP", "https://portal.example.org/r/55": "URL", "10.24.8.112": "IP",
+       "92": "AGE", "John": "NAME", "03/20/2021": "DATE"}
 
 
 # --------------------------------------------------------------------------------------------------- medical
@@ -51,6 +51,58 @@ def test_surrogates_are_consistent_within_a_text_and_dates_keep_their_spacing():
     assert (as_date(b) - as_date(a)).days == 6 and a != "03/14/2021"
     assert shifted("John Smith", "NAME") == shifted("John Smith", "NAME")  # same original, same surrogate
     assert medical.deidentify(text, "surrogate")[0] == new  # and the same for the same text
+
+
+@pytest.mark.parametrize("text, name", [
+    ("Chioma Okonkwo-Eze tolerated the infusion.", "Chioma Okonkwo-Eze"),  # no title, not a census name
+    ("Labs for Łukasz Wiśniewski were sent.", "Łukasz Wiśniewski"),
+    ("Her nephew, Kwabena Mensah, drove her in.", "Kwabena Mensah"),
+    ("Seen with Maarten van den Broek today.", "Maarten van den Broek"),  # particles, known words
+    ("Mr. Nguyễn Văn Thắng declined the scan.", "Nguyễn Văn Thắng"),
+    ("Daughter Светлана Кузнецова signed the consent.", "Светлана Кузнецова"),
+    ("Contact Ο Γιώργος Παπαδόπουλος if worse.", "Γιώργος Παπαδόπουλος"),
+    ("The patient 陈静 was admitted overnight.", "陈静"),
+    ("Per Fatima Al-Sayed, the fall happened at 6 am.", "Fatima Al-Sayed"),
+    ("Prof. Okafor II read the slides.", "Okafor II"),
+])
+def test_names_from_many_countries_are_found_without_a_name_list(text, name):
+    start = text.index(name)
+    spans = [s for s in medical.find_phi(text) if s.type == "NAME"]
+    assert any(s.start <= start and start + len(name) <= s.end for s in spans), (text, spans)
+    assert name not in medical.deidentify(text)[0]
+
+
+@pytest.mark.parametrize("text", [
+    "Tinel sign was positive over the left wrist.",
+    "She has Parkinson's disease and takes Sinemet with Lisinopril.",
+    "Started a β-blocker; BiPAP at night, HbA1c 7.2%.",
+    "Findings consistent with Hashimoto thyroiditis and a Baker's cyst.",
+    "Pain over the Achilles tendon and the medial malleolus.",
+    "Continue Eliquis 5 mg and Jardiance 10 mg daily.",
+])
+def test_eponyms_drugs_and_anatomy_are_no_names(text):
+    assert [text[s.start:s.end] for s in medical.find_phi(text) if s.type == "NAME"] == []
+
+
+@pytest.mark.parametrize("text, phi, phi_type", [
+    ("She moved to Rua das Flores, 128 last year.", "Rua das Flores, 128", "ADDRESS"),
+    ("Lives at Lindenstraße 12 with her son.", "Lindenstraße 12", "ADDRESS"),
+    ("Address: 7 Kestrel Close, Leeds.", "7 Kestrel Close", "ADDRESS"),
+    ("Address: via Garibaldi 3, Torino.", "via Garibaldi 3", "ADDRESS"),
+    ("Address: ул. Ленина, д. 5 кв. 12.", "ул. Ленина, д. 5 кв. 12", "ADDRESS"),
+    ("Call her mobile on 06 12 34 56 78.", "06 12 34 56 78", "PHONE"),
+    ("Reached the daughter at +49 30 1234567.", "+49 30 1234567", "PHONE"),
+])
+def test_addresses_and_phone_numbers_of_other_countries_are_found(text, phi, phi_type):
+    start = text.index(phi)
+    assert any(s.start <= start and start + len(phi) <= s.end and s.type == phi_type
+               for s in medical.find_phi(text)), medical.find_phi(text)
+
+
+@pytest.mark.parametrize("text", ["Keep the drain in place 3 more days.", "Monitoring 24 hours a day.",
+                                  "BP 128 76 72 18 on arrival.", "Given via PICC line 2 days ago."])
+def test_clinical_numbers_and_words_are_no_address_or_phone(text):
+    assert [s for s in medical.find_phi(text) if s.type in ("ADDRESS", "PHONE")] == []
 
 
 def test_conditions_get_codes_and_their_context():
