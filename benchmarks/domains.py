@@ -9,7 +9,8 @@ code_recall_new_full, finance_acc_with, finance_acc_without, legal_recall_at_5, 
 them).
 The Faker set (benchmarks/phi_faker.py: 24 locales), benchmarks/data/not_names.txt and
 benchmarks/data/clinical_notes_heldout.txt were written apart from the medical plugin's rules;
-benchmarks/data/clinical_notes.txt was written while building them.
+benchmarks/data/clinical_notes.txt was written while building them, and clinical_notes_dev.txt while building
+the code specificity.
 """
 from __future__ import annotations
 
@@ -239,6 +240,20 @@ def measure_heldout_conditions(show_misses: bool) -> dict:
     return result
 
 
+def measure_dev_conditions(show_misses: bool) -> dict:
+    """Code recall on benchmarks/data/clinical_notes_dev.txt, the sentences the specificity rules were checked
+    against (the held-out set's figures above are the ones to trust)."""
+    conditions = score_conditions(parse_notes(DATA / "clinical_notes_dev.txt"))
+    if show_misses:
+        print("\n".join(conditions["misses"]), file=sys.stderr)
+    gold = conditions["gold"]
+    result = {"code_recall_dev3": round(conditions["true_pos"] / max(1, gold), 4),
+              "code_recall_dev_full": round(conditions["exact"] / max(1, gold), 4), "conditions_dev": gold}
+    print(f"medical, development: {gold} conditions (code recall {result['code_recall_dev3']:.3f} by category, "
+          f"{result['code_recall_dev_full']:.3f} by full code)", flush=True)
+    return result
+
+
 def train_finance(runs_dir: Path, name: str, overrides: list[str]) -> float:
     """Train examples/domains/finance.yaml in its own process; its test accuracy."""
     command = [sys.executable, "-m", "plait.launch.cli", "train", str(ROOT / "examples/domains/finance.yaml"),
@@ -305,6 +320,7 @@ def main() -> None:
         if "medical" in wanted:
             result.update(measure_medical(args.show_misses))
             result.update(measure_phi_faker(args.show_misses))
+            result.update(measure_dev_conditions(args.show_misses))
             result.update(measure_heldout_conditions(args.show_misses))
         if "legal" in wanted:
             result.update(measure_legal(Path(scratch) / "legal-cache", args.show_misses))

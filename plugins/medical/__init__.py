@@ -4,7 +4,8 @@ Per sample, in this order, so that no identifier reaches the model, the logs or 
 
 - ``text``: the text with PHI replaced (typed placeholders such as ``[NAME]``, or consistent surrogates);
 - ``phi``: ``[{start, end, type}]``, offsets in the *original* text (the identifiers themselves are not kept);
-- ``entities``: ``[{start, end, text, code, negated, uncertain, historical}]``, offsets in the new ``text``.
+- ``entities``: ``[{start, end, text, code, specificity, negated, uncertain, historical}]``, offsets in the new
+  ``text``; ``specificity`` is ``unspecified`` when the sentence supports no more than an unspecified code.
 
 What does what, and why:
 
@@ -19,16 +20,19 @@ What does what, and why:
   type (Wellerallee 4); a run of words in another script with its numbers. presidio-analyzer was tried first:
   its URL recognizer downloads the public-suffix list at run time (which fails offline) and its name
   recognizer needs a spaCy model, and no spaCy model is on PyPI.
-- Conditions: a spaCy ``PhraseMatcher`` over terms made from the ~98,000 ICD-10-CM descriptions that
-  ``simple-icd-10-cm`` carries (", unspecified", "without complications" and the like removed) plus the common
-  abbreviations and synonyms in ``SYNONYMS``.
+- Conditions: a spaCy ``PhraseMatcher`` over terms made from the ~98,000 ICD-10-CM descriptions and their
+  inclusion terms that ``simple-icd-10-cm`` carries (", unspecified", "without complications" and the like
+  removed), plus the abbreviations, synonyms and lay terms in ``SYNONYMS`` and ``CLINICAL_TERMS``, plurals and
+  hyphens read as the text writes them. Each match then gets the most specific code its clause supports:
+  site, laterality, stage, acute or chronic, with or without a complication (``specificity``).
 - Context: negspacy's NegEx runs three times with three trigger sets (negation, uncertainty, history), which is
   ConText's design. medspacy (ConText's own home) pins spaCy < 3.8, built for NumPy 1; plait runs NumPy 2.
 
     plugins:
       medical: {replace: surrogate, codes_as_tokens: true}
 
-Modules: ``phi`` (de-identification), ``conditions`` (ICD-10-CM coding and context); this module holds the
+Modules: ``phi`` (de-identification) with ``words`` (its word lists), ``conditions`` (ICD-10-CM coding and
+context) with ``specificity`` (the most specific code a sentence supports); this module holds the
 options, the transform and the hooks. The transform runs them in that order, so no identifier reaches the
 condition matcher.
 """

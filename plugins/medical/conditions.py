@@ -9,6 +9,8 @@ from typing import Any, cast
 
 from plait.core.errors import DataError
 
+from .specificity import most_specific
+
 # Abbreviations and everyday names that ICD-10-CM's own descriptions do not contain.
 SYNONYMS = {
     "htn": "I10", "hypertension": "I10", "high blood pressure": "I10", "t2dm": "E11.9", "dm2": "E11.9",
@@ -34,7 +36,7 @@ SYNONYMS = {
     "peripheral vascular disease": "I73.9", "claudication": "I73.9", "sob": "R06.02", "shortness of breath": "R06.02",
     "dyspnea": "R06.00", "dyspnoea": "R06.00", "doe": "R06.09", "cp": "R07.9", "chest pain": "R07.9",
     "angina": "I20.9", "svt": "I47.1", "supraventricular tachycardia": "I47.1", "vt": "I47.20",
-    "ptsd": "F43.10", "adhd": "F90.9", "add": "F90.0", "ocd": "F42.9", "mdd": "F32.9", "depression": "F32.9",
+    "ptsd": "F43.10", "adhd": "F90.9", "add": "F90.0", "ocd": "F42.9", "mdd": "F32.9", "depression": "F32.A",
     "major depression": "F32.9", "anxiety": "F41.9", "gad": "F41.1", "anxiety disorder": "F41.9",
     "bipolar disorder": "F31.9", "bipolar": "F31.9", "schizophrenia": "F20.9", "autism": "F84.0", "asd": "F84.0",
     "dementia": "F03.90", "alzheimer disease": "G30.9", "alzheimer's disease": "G30.9", "alzheimer's": "G30.9",
@@ -99,27 +101,103 @@ SYNONYMS = {
     "lymphoma": "C85.90", "leukemia": "C95.90", "pancreatic cancer": "C25.9", "bladder cancer": "C67.9",
     "ovarian cancer": "C56.9", "cervical cancer": "C53.9", "skin cancer": "C44.90", "brain tumor": "D49.6",
 }
+# Clinical names, lay terms and abbreviations that ICD-10-CM's descriptions and inclusion terms lack, across
+# specialties; a general one ("cancer", "stone", "abscess") is refined by its sentence (see specificity).
+CLINICAL_TERMS = {
+    # oncology: a cancer word alone is "malignant neoplasm, by site" (ICD-10-CM Index), the site in the sentence
+    "cancer": "C80.1", "carcinoma": "C80.1", "adenocarcinoma": "C80.1", "malignancy": "C80.1",
+    "malignant tumor": "C80.1", "malignant neoplasm": "C80.1", "metastases": "C79.9", "metastasis": "C79.9",
+    "metastatic disease": "C79.9", "mets": "C79.9", "glioblastoma": "C71.9", "gbm": "C71.9", "glioma": "C71.9",
+    "astrocytoma": "C71.9", "meningioma": "D32.9", "hcc": "C22.0", "renal cell carcinoma": "C64.9", "rcc": "C64.9",
+    "squamous cell carcinoma": "C44.92", "scc": "C44.92", "basal cell carcinoma": "C44.91", "bcc": "C44.91",
+    "nsclc": "C34.90", "sclc": "C34.90", "aml": "C92.00", "cll": "C91.10", "cml": "C92.10", "dlbcl": "C83.30",
+    "non-hodgkin lymphoma": "C85.90", "nhl": "C85.90", "hodgkin lymphoma": "C81.90", "sarcoma": "C49.9",
+    "osteosarcoma": "C41.9", "mesothelioma": "C45.9", "liver cancer": "C22.9", "kidney cancer": "C64.9",
+    "thyroid cancer": "C73", "stomach cancer": "C16.9", "gastric cancer": "C16.9", "esophageal cancer": "C15.9",
+    "endometrial cancer": "C54.1", "testicular cancer": "C62.90", "myeloma": "C90.00",
+    # infections
+    "gonorrhea": "A54.9", "chlamydia": "A74.9", "syphilis": "A53.9", "c. diff": "A04.72", "c diff": "A04.72",
+    "cdiff": "A04.72", "c. difficile": "A04.72", "c. diff colitis": "A04.72", "clostridium difficile": "A04.72",
+    "mrsa infection": "A49.02", "chronic hepatitis c": "B18.2", "chronic hepatitis b": "B18.1", "hep c": "B18.2",
+    "hep b": "B18.1", "influenza a": "J10.1", "influenza b": "J10.1", "covid pneumonia": "J12.82", "pna": "J18.9",
+    "septic arthritis": "M00.9", "abscess": "L02.91", "boil": "L02.92", "impetigo": "L01.00", "scabies": "B86",
+    "ringworm": "B35.9", "athlete's foot": "B35.3", "yeast infection": "B37.9", "bacterial vaginosis": "N76.0",
+    "mono": "B27.90", "lyme": "A69.20", "shingles": "B02.9",
+    # heart and vessels
+    "mitral regurgitation": "I34.0", "mitral stenosis": "I05.0", "aortic regurgitation": "I35.1",
+    "tricuspid regurgitation": "I36.1", "heart block": "I45.9", "chb": "I44.2", "av block": "I44.30",
+    "first degree av block": "I44.0", "lbbb": "I44.7", "rbbb": "I45.10", "wpw": "I45.6", "long qt": "I45.81",
+    "pvcs": "I49.3", "cardiac arrest": "I46.9", "hocm": "I42.1", "pulmonary hypertension": "I27.20",
+    "pah": "I27.20", "hypertensive urgency": "I16.0", "hypertensive emergency": "I16.1",
+    "carotid stenosis": "I65.29", "raynaud's": "I73.00", "varicose veins": "I83.90", "vte": "I82.90",
+    "blood clot": "I82.90",
+    # glands and metabolism
+    "hashimoto's": "E06.3", "hashimoto thyroiditis": "E06.3", "hashimoto's thyroiditis": "E06.3", "pcos": "E28.2",
+    "polycystic ovary syndrome": "E28.2", "adrenal insufficiency": "E27.40", "addison's disease": "E27.1",
+    "thyroid nodule": "E04.1", "goiter": "E04.9", "hyperparathyroidism": "E21.3", "prediabetes": "R73.03",
+    "metabolic syndrome": "E88.810", "hypertriglyceridemia": "E78.1", "diabetes insipidus": "E23.2",
+    "siadh": "E22.2", "overweight": "E66.3", "b12 deficiency": "E53.8", "diabetic foot ulcer": "E11.621",
+    "diabetic peripheral neuropathy": "E11.42", "diabetic retinopathy": "E11.319",
+    "diabetic kidney disease": "E11.22",
+    # kidney and urinary tract
+    "stone": "N20.9", "stones": "N20.9", "renal stone": "N20.0", "ureterolithiasis": "N20.1",
+    "neurogenic bladder": "N31.9", "renal artery stenosis": "I70.1", "pkd": "Q61.3",
+    "polycystic kidney disease": "Q61.3", "urinary incontinence": "R32", "erectile dysfunction": "N52.9",
+    "prostatitis": "N41.9", "epididymitis": "N45.1", "end stage renal disease": "N18.6",
+    # muscles, bones and joints
+    "rotator cuff tear": "M75.100", "tennis elbow": "M77.10", "golfer's elbow": "M77.00",
+    "psoriatic arthritis": "L40.50", "joint pain": "M25.50", "arthralgia": "M25.50", "knee pain": "M25.569",
+    "shoulder pain": "M25.519", "hip pain": "M25.559", "muscle pain": "M79.10", "scoliosis": "M41.9",
+    "generalized osteoarthritis": "M15.9", "polyarthritis": "M13.0", "bursitis": "M71.9", "tendinitis": "M77.9",
+    "tendonitis": "M77.9", "carpal tunnel": "G56.00", "cts": "G56.00", "frozen shoulder": "M75.00",
+    # mind
+    "panic attack": "F41.0", "panic attacks": "F41.0", "eating disorder": "F50.9", "bulimia": "F50.20",
+    "substance abuse": "F19.10", "cocaine use disorder": "F14.20", "cannabis use disorder": "F12.20",
+    "schizoaffective disorder": "F25.9", "psychosis": "F29", "adjustment disorder": "F43.20",
+    # gut and liver
+    "diverticulosis": "K57.90", "barrett's esophagus": "K22.70", "hiatal hernia": "K44.9",
+    "small bowel obstruction": "K56.609", "sbo": "K56.609", "colitis": "K52.9", "anal fissure": "K60.2",
+    "nash": "K75.81", "celiac disease": "K90.0", "gastroparesis": "K31.84", "hepatic encephalopathy": "K76.82",
+    # lungs
+    "ild": "J84.9", "pulmonary fibrosis": "J84.10", "ipf": "J84.112", "pneumothorax": "J93.9",
+    "bronchiectasis": "J47.9", "lung nodule": "R91.1", "pulmonary nodule": "R91.1",
+    # nerves
+    "trigeminal neuralgia": "G50.0", "restless legs": "G25.81", "essential tremor": "G25.0", "bppv": "H81.10",
+    # blood
+    "sickle cell disease": "D57.1", "thalassemia": "D56.9", "itp": "D69.3", "neutropenia": "D70.9",
+    "leukocytosis": "D72.829", "pancytopenia": "D61.818",
+    # skin, eyes, ears
+    "acne": "L70.0", "rosacea": "L71.9", "hidradenitis": "L73.2", "macular degeneration": "H35.30",
+    "amd": "H35.30", "tinnitus": "H93.19", "tonsillitis": "J03.90",
+}
 SUFFIXES = re.compile(r"(?:,\s*|\s+)(?:unspecified|not elsewhere classified|site not specified|without complications|"
                       r"without .*|with unspecified .*|unspecified .*|initial encounter.*|nos)$", re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=4)
 def lexicon(extra: str | None = None) -> dict[str, str]:
-    """Lower-case term -> ICD-10-CM code: the synonyms above, then short forms of ICD-10-CM's descriptions
-    (the most general code wins a term that several codes share)."""
+    """Lower-case term -> ICD-10-CM code: the synonyms above, then short forms of ICD-10-CM's descriptions and
+    inclusion terms ("Frozen shoulder" under M75.0), the most general code winning a term that several codes
+    share: ``most_specific`` then picks the code the sentence supports."""
     import simple_icd_10_cm as icd
 
     terms: dict[str, str] = {}
-    for code in icd.get_all_codes(False):
+    for code in icd.get_all_codes(True):
+        if not icd.is_category_or_subcategory(code) and not icd.is_extended_subcategory(code):
+            continue  # chapters and blocks
         if code[:1] in "VWXY" or (code[:1] in "ST" and len(code) > 3 and not code.endswith("A")):
             continue  # external causes ("contact with..."), and injuries other than their initial encounter
-        description = icd.get_description(code)
-        for term in _description_terms(description):
+        # inclusion terms name a condition's other names; a Z code's ("Pregnancy NOS") name a state or an
+        # encounter, which a note mentions far more often than it codes
+        inclusion = [] if code.startswith("Z") else icd.get_inclusion_term(code)
+        names = [icd.get_description(code), *(re.sub(r"\s+NOS$", "", t) for t in inclusion)]
+        for term in {t for name in names for t in _description_terms(name)}:
             if 4 <= len(term) and len(term.split()) <= 6:
                 known = terms.get(term)
                 if known is None or (len(code), code) < (len(known), known):
                     terms[term] = code
     terms.update(SYNONYMS)
+    terms.update(CLINICAL_TERMS)
     if extra:
         terms.update(read_synonyms(Path(extra)))
     return terms
@@ -215,9 +293,12 @@ def clinical_pipeline(extra_synonyms: str | None = None):
     for term, code in terms.items():
         codes.setdefault(code, []).append(term)
     for code, code_terms in codes.items():
-        # spaCy splits "t2dm" but not "T2DM": short terms and terms with digits are added in upper case too
-        variants = code_terms + [t.upper() for t in code_terms if len(t) <= 6 or any(c.isdigit() for c in t)]
-        matcher.add(code, list(cast(Any, nlp.tokenizer).pipe(variants)))
+        # spaCy splits "t2dm" but not "T2DM": short terms and terms with digits are added in upper case too;
+        # and each term in the plural ("panic attacks"), hyphens read as spaces as in the text ("end-stage")
+        variants = {_unhyphenated(t) for t in code_terms}
+        variants |= {f"{t}s" for t in variants if not t.endswith("s") and t[-1:].isalpha() and len(t) > 3}
+        variants |= {t.upper() for t in variants if len(t) <= 6 or any(c.isdigit() for c in t)}
+        matcher.add(code, list(cast(Any, nlp.tokenizer).pipe(sorted(variants))))
     negation = termset("en_clinical")
     negation.remove_patterns({"preceding_negations": NEGATION["remove_preceding"]})
     negation.add_patterns({"pseudo_negations": NEGATION["add_pseudo"], "preceding_negations": NEGATION["add_preceding"],
@@ -263,13 +344,39 @@ def _conditions(text: str, extra_synonyms: str | None) -> list[dict]:
     from spacy.util import filter_spans
 
     nlp, matcher = clinical_pipeline(extra_synonyms)
-    doc = nlp.make_doc(text)
+    doc = nlp.make_doc(_unhyphenated(text))
     spans = [SpacySpan(doc, start, end, label=match_id) for match_id, start, end in matcher(doc)]
     doc.ents = filter_spans(spans)
     for _, component in nlp.pipeline:
         doc = component(doc)
-    return [{"start": e.start_char, "end": e.end_char, "text": e.text, "code": e.label_,
-             "negated": bool(e._.negated), "uncertain": bool(e._.uncertain), "historical": bool(e._.historical)}
-            for e in doc.ents]
+    found = []
+    for e in doc.ents:
+        mention = text[e.start_char:e.end_char]
+        if NOT_A_CONDITION.match(text, e.end_char) or (len(mention) == 2 and STATE_ZIP.match(text, e.end_char)):
+            continue  # "the flu vaccine", "the pain clinic", "Burlington, VT 05401"
+        code, unspecified = most_specific(e.label_, mention, _clause(text, e.start_char, e.end_char))
+        found.append({"start": e.start_char, "end": e.end_char, "text": mention, "code": code,
+                      "specificity": "unspecified" if unspecified else "specified", "negated": bool(e._.negated),
+                      "uncertain": bool(e._.uncertain), "historical": bool(e._.historical)})
+    return found
 
 
+#: What follows a condition's name when the text is about a service or a prevention, not the condition.
+NOT_A_CONDITION = re.compile(r"\s+(?:vaccines?|vaccinations?|shots?|clinics?|team|service|educator|screening)\b",
+                             re.IGNORECASE)
+#: A state's two letters before a ZIP code.
+STATE_ZIP = re.compile(r"\s+\d{5}(?:-\d{4})?\b")
+
+
+def _unhyphenated(text: str) -> str:
+    """``text`` with a hyphen between letters read as a space: the same length, so offsets hold."""
+    return re.sub(r"(?<=[^\W\d])-(?=[^\W\d])", " ", text)
+
+
+def _clause(text: str, start: int, end: int) -> str:
+    """The words that qualify a mention: from the last stop, semicolon, comma or "and" before it to the next
+    one after it ("CKD stage 4" in "COPD, CHF and CKD stage 4")."""
+    cuts = re.compile(r"[.;,\n]\s|\b(?:and|but|however|versus|vs|who|which)\b")
+    before = [m.end() for m in cuts.finditer(text, 0, start)]
+    after = cuts.search(text, end)
+    return text[before[-1] if before else 0:after.start() if after else len(text)]

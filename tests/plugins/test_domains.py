@@ -118,6 +118,29 @@ def test_conditions_get_codes_and_their_context():
     assert entities["Sepsis"]["negated"]
 
 
+@pytest.mark.parametrize("text, mention, code, specificity", [
+    ("Osteoarthritis of the left elbow limits her.", "Osteoarthritis", "M19.022", "specified"),  # site, side
+    ("OA of both knees.", "OA", "M17.0", "specified"),  # an abbreviation brings its code's words
+    ("CKD stage 5 on dialysis.", "CKD", "N18.5", "specified"),
+    ("Cellulitis of the left arm.", "Cellulitis", "L03.114", "specified"),
+    ("Type 2 diabetes with hyperglycemia.", "Type 2 diabetes", "E11.65", "specified"),
+    ("Lumbar spinal stenosis, no neurogenic claudication.", "spinal stenosis", "M48.061", "specified"),
+    ("Carcinoma of the sigmoid colon.", "Carcinoma", "C18.7", "specified"),  # a cancer word, the site after it
+    ("Hypothyroidism on levothyroxine.", "Hypothyroidism", "E03.9", "unspecified"),  # nothing more is said
+    ("Seen for influenza.", "influenza", "J11.1", "specified"),  # the synonym's code, no weaker evidence
+    ("AFib with rapid ventricular response.", "AFib", "I48.91", "unspecified"),  # never ventricular fibrillation
+    ("h/o stroke without residual deficits.", "stroke", "I63.9", "unspecified"),  # no deficit to code
+])
+def test_each_condition_gets_the_most_specific_code_its_sentence_supports(text, mention, code, specificity):
+    entity = next(e for e in medical.find_conditions(text) if e["text"] == mention)
+    assert (entity["code"], entity["specificity"]) == (code, specificity), entity
+
+
+def test_a_service_or_a_state_is_no_condition():
+    text = "Declined the flu vaccine; seen at the pain clinic in Burlington, VT 05401."
+    assert medical.find_conditions(text) == []
+
+
 def test_codes_as_tokens_and_an_extra_synonym_file(tmp_path):
     synonyms = tmp_path / "syn.tsv"
     synonyms.write_text("# mine\nsugar disease\tE11.9\n")
