@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import ConfigError, nearest
 
-__all__ = ["Options", "PlaitConfig", "RunSettings", "ScalingSettings", "load_config", "merge", "resolve"]
+__all__ = ["FsdpSettings", "Options", "PlaitConfig", "RunSettings", "ScalingSettings", "load_config", "merge",
+           "resolve"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -54,6 +55,10 @@ class RunSettings(Options):
                                      "gradient before the run stops (0: stop at the first)")
     init_from: str | None = Field(None, description="a run folder whose newest weights start this run "
                                   "(fine-tuning); a run resuming from its own checkpoint ignores it")
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="recompute the activations of the blocks the modules declare in the backward pass "
+        "instead of keeping them: every block (full), or every activation_checkpointing_every-th (selective)")
+    activation_checkpointing_every: int = Field(2, ge=1, description="selective: which blocks are recomputed")
 
     @model_validator(mode="before")
     @classmethod
@@ -70,6 +75,21 @@ class RunSettings(Options):
         return self
 
 
+class FsdpSettings(Options):
+    """How FSDP2 (``fully_shard``) splits the model when ``scaling.strategy`` is fsdp."""
+
+    units: Literal["blocks", "modules"] | list[str] = Field(
+        "blocks", description="blocks: each block a module declares (a transformer layer, a CNN stage) is a unit, "
+        "then each encoder and the fusion; modules: each encoder and the fusion only; or a list of module name "
+        "patterns (fnmatch), each of which must match")
+    reshard_after_forward: bool = Field(True, description="free a unit's gathered weights after its forward and "
+                                        "gather them again for the backward (less memory, more communication)")
+    param_dtype: Literal["float32", "bfloat16"] = Field("float32", description="the dtype of gathered weights "
+                                                        "in forward and backward")
+    reduce_dtype: Literal["float32", "bfloat16"] = Field("float32", description="the dtype gradients are "
+                                                         "reduced in")
+
+
 class ScalingSettings(Options):
     """How the launcher runs the loop (plait.launch maps these to Ray Train's configs)."""
 
@@ -78,6 +98,7 @@ class ScalingSettings(Options):
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    fsdp: FsdpSettings = FsdpSettings()
     find_unused_parameters: Literal["auto"] | bool = Field(
         "auto", description="DDP's search for parameters a step left without a gradient; auto: only where a "
         "module of the model says it can leave some unused")

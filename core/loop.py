@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -28,12 +29,15 @@ from .evaluation import evaluate, evaluate_by_modality
 from .files import write_json_atomic, write_text_atomic
 from .manager import Plugins
 from .model import build_model
+from .parallel import checkpoint_activations
 from .resume import forget_rows_after, init_from, restore, save_checkpoint
 from .runs import RUN_INFO, run_dir_for
 from .state import RunState
 from .step import MicroBatch, autocast, densify_gradients, grad_norm, loss_terms, lr_factor, skip_nonfinite, train_row
 
 __all__ = ["fit", "log_metrics"]
+
+log = logging.getLogger("plait")
 
 
 @dataclass
@@ -88,6 +92,9 @@ def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[Ru
     newest = checkpoint.latest(run_dir / "checkpoints")
     if run.init_from and newest is None:
         init_from(Path(run.init_from), model, device)
+    recomputed = checkpoint_activations(model, run.activation_checkpointing, run.activation_checkpointing_every)
+    if recomputed:
+        log.info("activation checkpointing: %d blocks recomputed in the backward pass", len(recomputed))
     model = dist.prepare_model(model)
     seed_everything(run.seed + dist.rank)
     training = _loaders(config, dist, model, train_set, splits)

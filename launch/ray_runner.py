@@ -24,12 +24,13 @@ from typing import Any, cast
 import torch
 
 from plait.core import checkpoint
-from plait.core.config import PlaitConfig
+from plait.core.config import FsdpSettings, PlaitConfig
 from plait.core.distributed import Distributed, sync_buffers
 from plait.core.errors import ConfigError, PlaitError, PluginError
 from plait.core.loop import fit
 from plait.core.manager import Plugins
 from plait.core.model import leaves_parameters_unused
+from plait.core.parallel import shard
 from plait.core.runs import prepare
 from plait.launch.progress import ProgressForwarder, send_nowait, show_progress
 from plait.launch.storage import RemoteRuns, StorageSync, is_uri, staging_dir
@@ -51,19 +52,14 @@ def sparse_embedding_gradients(model: torch.nn.Module) -> list[str]:
     return switched
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP (``fully_shard``): each encoder and the fusion module are units of their own, the
-    head stays with the root. A worker holds 1/world_size of the weights, gradients and optimizer
-    state, and gathers one unit's weights at a time for its forward and backward.
+def shard_model(model: torch.nn.Module, settings: FsdpSettings | None = None) -> torch.nn.Module:
+    """FSDP2 (``plait.core.parallel.shard``): the declared blocks, each encoder and the fusion module
+    are units of their own (``scaling.fsdp.units``), the head stays with the root. A worker holds
+    1/world_size of the weights, gradients and optimizer state, and gathers one unit's weights at a
+    time for its forward and backward.
 
     Ray Train's ``prepare_model`` runs its FSDP on GPUs only; this runs on CPUs too (gloo)."""
-    from torch.distributed.fsdp import fully_shard
-
-    units = [*getattr(model, "encoders", {}).values(), getattr(model, "fusion", None)]
-    for unit in units:
-        if unit is not None:
-            fully_shard(unit)
-    fully_shard(model)
+    shard(model, settings or FsdpSettings())
     # Every worker must issue the same gathers and reduce-scatters in the same order:
     if hasattr(model, "idle_encoders"):
         cast(Any, model).idle_encoders = "run"  # an encoder runs even where a batch lacks its modality
@@ -130,7 +126,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         if world_size == 1:
             return model
         if strategy == "fsdp":
-            return shard_model(model)
+            return shard_model(model, config.scaling.fsdp)
         kwargs = {"find_unused_parameters": find_unused_parameters(model, config.scaling.find_unused_parameters),
                   "gradient_as_bucket_view": True}
         sparse_embedding_gradients(model)

@@ -2,6 +2,8 @@
 attention and max pooling over time, so leading and trailing silence do not dilute the word."""
 from __future__ import annotations
 
+import re
+
 import torch
 from pydantic import Field
 from torch import nn
@@ -29,14 +31,19 @@ class AudioEncoder(nn.Module):
                         else nn.Identity())
         blocks, c_in = [], 1
         for c_out in options.channels:
-            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
+            blocks.append(nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                                        nn.ReLU(inplace=True), nn.MaxPool2d(2)))
             c_in = c_out
         self.cnn = nn.Sequential(*blocks)
+        self.register_load_state_dict_pre_hook(_flat_cnn_names)
         self.pools = len(options.channels)
         self.attend = nn.Conv1d(c_in, 1, 1)
         self.proj = nn.Sequential(nn.Dropout(options.dropout), nn.Linear(2 * c_in, options.dim))
         self.out_dim = options.dim
+
+    def plait_blocks(self) -> list[nn.Module]:
+        """The CNN's blocks (convolution, batch norm, ReLU, pooling): FSDP units and checkpointed blocks."""
+        return list(self.cnn)
 
     def forward(self, inputs: dict) -> torch.Tensor:
         spec, mask = self.front(inputs["audio"], inputs["lengths"])
@@ -52,6 +59,14 @@ class AudioEncoder(nn.Module):
         peak = features.masked_fill(~mask, float("-inf")).amax(-1)
         peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
         return self.proj(torch.cat([mean, peak], dim=1))
+
+
+def _flat_cnn_names(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Weights saved before the CNN was grouped into blocks: ``cnn.5.weight`` is ``cnn.1.1.weight``."""
+    flat = re.compile(rf"^{re.escape(prefix)}cnn\.(\d+)\.(?=[^.]+$)")
+    for key in [k for k in state_dict if flat.match(k)]:
+        index = int(flat.match(key).group(1))  # type: ignore[union-attr]
+        state_dict[flat.sub(f"{prefix}cnn.{index // 4}.{index % 4}.", key)] = state_dict.pop(key)
 
 
 @hookimpl

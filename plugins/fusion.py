@@ -54,6 +54,10 @@ class Fusion(nn.Module):
                                        nn.LayerNorm(dim))
         self.out_dim = dim
 
+    def plait_blocks(self) -> list[nn.Module]:
+        """The attention fusion's transformer layers: FSDP units and checkpointed blocks."""
+        return list(self.mixer.layers) if isinstance(self.mixer, nn.TransformerEncoder) else []
+
     def _drop_modalities(self, present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hide modalities at random, but never all of a sample's."""
         stacked = torch.stack([present[m] for m in self.modalities], dim=1)

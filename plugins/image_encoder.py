@@ -36,6 +36,15 @@ class ImageEncoder(nn.Module):
         self.in_chans = options.in_chans
         self.out_dim = self.model.num_features
 
+    def plait_blocks(self) -> list[nn.Module]:
+        """The timm model's stages: ``stages`` (ConvNeXt, RegNet...), ``blocks`` (EfficientNet, ViT...), or
+        ResNet's ``layer1`` to ``layer4``."""
+        for name in ("stages", "blocks"):
+            found = getattr(self.model, name, None)
+            if isinstance(found, (nn.Sequential, nn.ModuleList)) and len(found) > 1:
+                return list(found)
+        return [m for m in (getattr(self.model, f"layer{i}", None) for i in range(1, 5)) if isinstance(m, nn.Module)]
+
     def forward(self, inputs: dict) -> torch.Tensor:
         # Grayscale or RGB files, whichever the data set loaded, become what this model takes.
         return self.model(match_channels(inputs["image"], self.in_chans))

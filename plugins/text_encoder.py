@@ -65,6 +65,11 @@ class TextEncoder(nn.Module):
         self.out_dim = self.model.config.hidden_size
         self.attention_mask: torch.Tensor | None = None
 
+    def plait_blocks(self) -> list[nn.Module]:
+        """The transformer layers (``encoder.layer`` of BERT-like models): FSDP units and checkpointed blocks."""
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        return list(layers) if isinstance(layers, nn.ModuleList) else []
+
     def _add_num_token(self, options: TextEncoderOptions) -> int | None:
         if not options.numeric_channel:
             return None

@@ -113,6 +113,10 @@ class CausalLM(nn.Module):
         self.norm = nn.LayerNorm(options.dim)
         self.encoders = nn.ModuleDict()  # no per-modality encoders: evaluation by modality is the whole model
 
+    def plait_blocks(self) -> list[nn.Module]:
+        """The transformer blocks: FSDP units and checkpointed blocks."""
+        return list(self.blocks.layers)
+
     def forward(self, batch: dict) -> dict:
         ids = batch["inputs"]["text"]["ids"]
         length = ids.shape[1]

@@ -26,10 +26,12 @@ from plait.launch.ray_runner import (
 
 pytestmark = pytest.mark.slow
 
-def _distributed(rank: int, strategy: str, seed: int) -> Distributed:
+def _distributed(rank: int, strategy: str, config) -> Distributed:
+    seed = config.run.seed
+
     def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
         if strategy == "fsdp":
-            return shard_model(model)
+            return shard_model(model, config.scaling.fsdp)
         sparse_embedding_gradients(model)
         # as the Ray runner decides it: the tiny batches often lack a modality, whose encoder then
         # touches its weights, so DDP runs without its search for unused parameters
@@ -55,7 +57,7 @@ def _worker(rank: int, port: int, configs: dict, results: dict) -> None:
     for run, (path, strategy) in configs.items():
         config, plugins = load(path, [])
         try:
-            state = fit(config, plugins, _distributed(rank, strategy, config.run.seed))
+            state = fit(config, plugins, _distributed(rank, strategy, config))
         except RuntimeError as exc:
             out[run] = {"error": str(exc)}
             continue
@@ -72,9 +74,10 @@ def runs(tmp_path_factory):
     plugins = {**TINY_PLUGINS, "spoken_digits": {**TINY_PLUGINS["spoken_digits"], "test_size": 65}}
 
     def write(name: str, extra: dict | None = None, file: str | None = None, without: str | None = None,
-              **run) -> str:
+              units: str = "blocks", **run) -> str:
         config = {"run": {"name": name, "runs_dir": str(root / "runs"), "epochs": 2, "batch_size": 16,
                           "eval_batch_size": 16, "lr": 3e-3, "log_every": 2, "checkpoint_every": 4, **run},
+                  "scaling": {"fsdp": {"units": units}},
                   "plugins": {k: v for k, v in {**plugins, **(extra or {})}.items() if k != without}}
         path = root / f"{file or name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -83,7 +86,11 @@ def runs(tmp_path_factory):
     configs = {  # 192 samples / (2 workers x 16) = 6 steps an epoch, 12 in all
         "fsdp": (write("fsdp"), "fsdp"),
         "ddp": (write("ddp"), "ddp"),
-        "fsdp-3": (write("fsdp-3", max_steps=3), "fsdp"),
+        "fsdp-3": (write("fsdp-3", max_steps=3), "fsdp"),  # per block: resnet stages, BERT and fusion layers
+        "fsdp-modules-3": (write("fsdp-modules-3", units="modules", max_steps=3), "fsdp"),  # per encoder
+        "fsdp-ac-3": (write("fsdp-ac-3", max_steps=3, activation_checkpointing="full"), "fsdp"),
+        "ddp-ac-3": (write("ddp-ac-3", {"rank_1_term": {}}, max_steps=3, log_every=1,
+                           activation_checkpointing="selective"), "ddp"),
         "ddp-3": (write("ddp-3", {"rank_1_term": {}}, max_steps=3, log_every=1), "ddp"),
         # batches of 4 with 60% of each modality missing: many a step where one worker, or both,
         # has no text (the sparse embedding touched) or no audio (no image encoder: a batch norm
@@ -121,15 +128,26 @@ def test_fsdp_trains_the_same_weights_as_ddp(runs):
     # before a softmax, a weight that sees the images' black borders) that noise moves a weight by
     # up to lr either way. Measured: 172 of 1.13 M weights more than 1e-5 apart, at most 7e-5.
     # A missed or wrong reduction moves most weights by ~lr.
-    fsdp, ddp = _weights(runs, "fsdp-3"), _weights(runs, "ddp-3")
-    assert fsdp.keys() == ddp.keys()
-    floats = [k for k in fsdp if fsdp[k].is_floating_point()]
-    apart = [(fsdp[k] - ddp[k]).abs() for k in floats]
-    weights = sum(d.numel() for d in apart)
-    assert sum(int((d > 1e-5).sum()) for d in apart) / weights < 1e-3
-    assert max(float(d.max()) for d in apart) < 3e-3  # one AdamW step at lr 3e-3
-    for rank in (0, 1):  # and the model the workers evaluated is the same
-        assert runs[rank]["fsdp-3"]["test"]["fused"]["accuracy"] == runs[0]["ddp-3"]["test"]["fused"]["accuracy"]
+    # The same holds per encoder and per block (ResNet stages, BERT and fusion layers as units).
+    ddp = _weights(runs, "ddp-3")
+    for run in ("fsdp-3", "fsdp-modules-3"):
+        fsdp = _weights(runs, run)
+        assert fsdp.keys() == ddp.keys()
+        floats = [k for k in fsdp if fsdp[k].is_floating_point()]
+        apart = [(fsdp[k] - ddp[k]).abs() for k in floats]
+        weights = sum(d.numel() for d in apart)
+        assert sum(int((d > 1e-5).sum()) for d in apart) / weights < 1e-3, run
+        assert max(float(d.max()) for d in apart) < 3e-3, run  # one AdamW step at lr 3e-3
+        for rank in (0, 1):  # and the model the workers evaluated is the same
+            assert runs[rank][run]["test"]["fused"]["accuracy"] == runs[0]["ddp-3"]["test"]["fused"]["accuracy"]
+
+
+@pytest.mark.timeout(400)
+def test_activation_checkpointing_under_fsdp_and_ddp_changes_no_weight(runs):
+    # recomputing a block in the backward pass gives the same gradients, bit for bit, sharded or not
+    for checkpointed, plain in (("fsdp-ac-3", "fsdp-3"), ("ddp-ac-3", "ddp-3")):
+        a, b = _weights(runs, checkpointed), _weights(runs, plain)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), checkpointed
 
 
 @pytest.mark.timeout(400)
