@@ -59,6 +59,8 @@ class RunSettings(Options):
         "none", description="recompute the activations of the blocks the modules declare in the backward pass "
         "instead of keeping them: every block (full), or every activation_checkpointing_every-th (selective)")
     activation_checkpointing_every: int = Field(2, ge=1, description="selective: which blocks are recomputed")
+    compile: bool = Field(False, description="compile each block the modules declare with torch.compile "
+                          "(regional compilation; the whole model where none is declared)")
 
     @model_validator(mode="before")
     @classmethod

@@ -29,7 +29,7 @@ from .evaluation import evaluate, evaluate_by_modality
 from .files import write_json_atomic, write_text_atomic
 from .manager import Plugins
 from .model import build_model
-from .parallel import checkpoint_activations
+from .parallel import checkpoint_activations, compile_blocks
 from .resume import forget_rows_after, init_from, restore, save_checkpoint
 from .runs import RUN_INFO, run_dir_for
 from .state import RunState
@@ -95,6 +95,10 @@ def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[Ru
     recomputed = checkpoint_activations(model, run.activation_checkpointing, run.activation_checkpointing_every)
     if recomputed:
         log.info("activation checkpointing: %d blocks recomputed in the backward pass", len(recomputed))
+    if run.compile:
+        compiled = compile_blocks(model, device)
+        log.info("run.compile: %d blocks compiled with torch.compile; the first step traces and builds them "
+                 "(expect it to take a while)", len(compiled))
     model = dist.prepare_model(model)
     seed_everything(run.seed + dist.rank)
     training = _loaders(config, dist, model, train_set, splits)

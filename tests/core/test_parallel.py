@@ -116,3 +116,17 @@ def test_a_run_with_activation_checkpointing_trains_the_same_weights(tmp_path):
     checkpointed = train_steps(tmp_path / "ac", plugins, steps=3, activation_checkpointing="full")
     a, b = plain.model.state_dict(), checkpointed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compile_on_the_cpu_without_a_compiler_is_one_line(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"run.compile: torch.compile on the CPU needs a C\+\+ compiler"):
+        parallel.compile_blocks(_text_model(layers=1), torch.device("cpu"))
+
+
+def test_compiling_blocks_keeps_their_names():
+    model = _text_model(layers=2)
+    names = list(model.state_dict())
+    assert parallel.compile_blocks(model, torch.device("cpu")) == ["text.model.encoder.layer.0",
+                                                                   "text.model.encoder.layer.1"]
+    assert list(model.state_dict()) == names
