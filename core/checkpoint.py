@@ -1,9 +1,12 @@
 """Checkpoints: safetensors for tensors, JSON for everything else, written atomically.
 
 A checkpoint is a folder ``checkpoints/step-00000123/`` with ``model.safetensors``,
-``trainer.safetensors`` (optimizer and plugin tensors) and ``state.json``. It is written
-into a temporary folder and renamed into place, so a folder with that name is complete.
-Nothing is unpickled when loading.
+``trainer.safetensors`` (optimizer and plugin tensors) and ``state.json``. A sharded one
+(``run.checkpoint_format: sharded``) holds ``shards/`` instead of ``model.safetensors`` and the
+optimizer: torch.distributed.checkpoint's files, one per worker. Either is written into a
+temporary folder and renamed into place, so a folder with that name is complete. Nothing is
+unpickled when loading the full format; DCP's ``.metadata`` is a pickle, so a sharded
+checkpoint is one to trust as code.
 """
 from __future__ import annotations
 
@@ -17,9 +20,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .distributed import sync_buffers
 from .errors import DataError, PlaitError
 
-__all__ = ["PREFIX", "CheckpointError", "latest", "list_checkpoints", "load", "model_weights", "save", "what_is_kept"]
+__all__ = ["PREFIX", "SHARDS", "CheckpointError", "export", "latest", "list_checkpoints", "load", "model_weights",
+           "save", "save_sharded", "what_is_kept"]
 
 
 class CheckpointError(PlaitError):
@@ -27,6 +32,8 @@ class CheckpointError(PlaitError):
 
 
 PREFIX = "step-"
+#: The folder of a sharded checkpoint that torch.distributed.checkpoint writes, each worker its own files.
+SHARDS = "shards"
 TMP_PREFIX = ".tmp-"
 TENSOR_KEY = "__tensor__"
 INT_KEYS = "__int_keys__"
@@ -117,6 +124,94 @@ def save(checkpoints_dir: Path, step: int, weights: dict[str, torch.Tensor], tra
     return final
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded(checkpoints_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 trainer_state: dict[str, Any], keep: int, is_main: bool) -> Path:
+    """A checkpoint whose model and optimizer state each worker writes itself, with
+    ``torch.distributed.checkpoint`` (collective: every worker calls it). Nothing is gathered on rank
+    0, which writes only the small trainer state beside the shards. Atomic as ``save`` is: all of it
+    goes into a temporary folder that rank 0 renames into place once every worker has finished
+    (DCP writes its ``.metadata`` last)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    final = checkpoints_dir / f"{PREFIX}{step:08d}"
+    tmp = checkpoints_dir / f"{TMP_PREFIX}{final.name}-sharded"  # one name that every worker knows
+    if is_main:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        for stale in checkpoints_dir.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    sync_buffers(model)  # buffers are not sharded: every worker saves rank 0's, as the full format keeps them
+    states = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(states, checkpoint_id=str(tmp / SHARDS))
+    if is_main:
+        try:
+            tensors: dict[str, torch.Tensor] = {}
+            skeleton = flatten(trainer_state, tensors)
+            save_file(tensors, str(tmp / "trainer.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(skeleton, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(checkpoints_dir)
+        except (OSError, SafetensorError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{checkpoints_dir}: cannot write checkpoint {final.name}: {exc}; "
+                                  f"{what_is_kept(checkpoints_dir, 'is intact')}") from None
+        for old in list_checkpoints(checkpoints_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """The model (and optimizer) state of a sharded checkpoint, resharded onto however many workers
+    load it: DCP reads each tensor's pieces by name and offset."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    shards = checkpoint / SHARDS
+    if not (shards / ".metadata").is_file():
+        raise DataError(f"{checkpoint}: the sharded checkpoint is incomplete (no {SHARDS}/.metadata)")
+    states: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        states["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    try:
+        dcp.load(states, checkpoint_id=str(shards))
+    except (dcp.api.CheckpointException, OSError, RuntimeError, ValueError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise DataError(f"{checkpoint}: the sharded checkpoint cannot be read ({first[:200]})") from None
+    set_model_state_dict(model, states["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, states["optimizer"])
+
+
+def export(checkpoint: Path, model: torch.nn.Module) -> Path:
+    """Write ``model.safetensors`` into a sharded checkpoint from its shards, loaded into ``model`` (a
+    plain model of the run, one process): what ``plait eval``, ``compress`` and distillation read."""
+    _load_shards(checkpoint, model, None)
+    target = checkpoint / "model.safetensors"
+    tmp = checkpoint / f"{TMP_PREFIX}model-{os.getpid()}.safetensors"
+    save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, str(tmp))
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+    return target
+
+
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders are never listed)."""
     if not checkpoints_dir.is_dir():
@@ -135,11 +230,22 @@ def what_is_kept(checkpoints_dir: Path, state: str) -> str:
     return f"the newest checkpoint, {newest.name}, {state}" if newest else "no checkpoint was written yet"
 
 
-def load(checkpoint: Path, model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, Any]:
+def load(checkpoint: Path, model: torch.nn.Module, device: torch.device | str = "cpu",
+         optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load weights into ``model`` (plain, DDP or FSDP: under FSDP every worker calls it and
-    keeps its shard) and return the trainer state saved beside them."""
+    keeps its shard) and return the trainer state saved beside them. A sharded checkpoint loads
+    ``optimizer`` too (its trainer state then says ``"optimizer": None``)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    # a resume reads the shards (they hold the optimizer); eval reads what `plait export` wrote, if it did
+    if (checkpoint / SHARDS).is_dir() and (optimizer is not None or not (checkpoint / "model.safetensors").is_file()):
+        _load_shards(checkpoint, model, optimizer)
+        try:
+            tensors = load_file(str(checkpoint / "trainer.safetensors"), device="cpu")
+            skeleton = json.loads((checkpoint / "state.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{checkpoint}: unreadable checkpoint: {exc}") from None
+        return {**unflatten(skeleton, tensors), "optimizer": None}
     try:
         weights = load_file(str(checkpoint / "model.safetensors"), device=str(device))
         tensors = load_file(str(checkpoint / "trainer.safetensors"), device="cpu")

@@ -50,6 +50,10 @@ class RunSettings(Options):
     checkpoint_every: int | None = Field(None, ge=1, description="optimizer steps between checkpoints "
                                          "(besides every epoch's end)")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    checkpoint_format: Literal["full", "sharded"] = Field(
+        "full", description="full: rank 0 gathers the whole model and optimizer into model.safetensors; sharded: "
+        "each worker writes its own shards (torch.distributed.checkpoint), nothing is gathered, and the run "
+        "resumes on any number of workers (`plait export` writes model.safetensors for eval and compress)")
     grad_accumulation: int = Field(1, ge=1, description="batches per optimizer step")
     max_nonfinite_steps: int = Field(10, ge=0, description="optimizer steps skipped for a NaN/Inf loss or "
                                      "gradient before the run stops (0: stop at the first)")

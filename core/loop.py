@@ -105,7 +105,7 @@ def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[Ru
     state = _run_state(config, plugins, dist, device, model, train_set, len(training.train))
     skip = 0
     if newest is not None:
-        skip = restore(state, checkpoint.load(newest, model, device))
+        skip = restore(state, checkpoint.load(newest, model, device, state.optimizer))
         if state.is_main:
             forget_rows_after(run_dir / "metrics.jsonl", state.step)
     if state.is_main:

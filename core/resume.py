@@ -19,11 +19,12 @@ from .state import RunState
 __all__ = ["forget_rows_after", "init_from", "restore", "save_checkpoint", "trainer_state"]
 
 
-def trainer_state(state: RunState, batches_done: int) -> dict[str, Any]:
+def trainer_state(state: RunState, batches_done: int, optimizer: bool = True) -> dict[str, Any]:
     """Everything besides the weights that an exact resume needs (collective: all workers call it).
 
     The optimizer state is keyed by parameter name and unsharded, so a checkpoint resumes
-    alike in one process, under DDP or under FSDP."""
+    alike in one process, under DDP or under FSDP; a sharded checkpoint keeps it in its shards
+    (``optimizer=False``)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     assert state.optimizer is not None and state.scheduler is not None
@@ -32,7 +33,8 @@ def trainer_state(state: RunState, batches_done: int) -> dict[str, Any]:
         "epoch": state.epoch,
         "batches_done": batches_done,
         "optimizer": get_optimizer_state_dict(state.model, state.optimizer,
-                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True)),
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if optimizer else None,
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict() if state.scaler is not None else {},
         "rng": all_gather(_rng_state()),  # one per worker: each draws its own dropout and augmentation
@@ -42,11 +44,19 @@ def trainer_state(state: RunState, batches_done: int) -> dict[str, Any]:
 
 
 def save_checkpoint(state: RunState, batches_done: int) -> None:
-    """Write a checkpoint of the run as it is (collective; rank 0 writes), then tell the plugins."""
-    weights, trainer = checkpoint.model_weights(state.model), trainer_state(state, batches_done)
-    if state.is_main:
+    """Write a checkpoint of the run as it is (collective; rank 0 writes the full format, every
+    worker its shards in the sharded one), then tell the plugins."""
+    run = state.config.run
+    if run.checkpoint_format == "sharded":
+        assert state.optimizer is not None
+        trainer = trainer_state(state, batches_done, optimizer=False)
+        path = checkpoint.save_sharded(state.run_dir / "checkpoints", state.step, state.model, state.optimizer,
+                                       trainer, run.keep_checkpoints, state.is_main)
+    else:
+        weights, trainer = checkpoint.model_weights(state.model), trainer_state(state, batches_done)
         path = checkpoint.save(state.run_dir / "checkpoints", state.step, weights, trainer,
-                               state.config.run.keep_checkpoints)
+                               run.keep_checkpoints) if state.is_main else Path()
+    if state.is_main:
         state.plugins.call_each(hookspecs.plait_checkpoint_saved, state=state, path=path)
 
 
@@ -57,8 +67,9 @@ def restore(state: RunState, saved: dict[str, Any]) -> int:
     assert state.optimizer is not None and state.scheduler is not None
     # strict=False: a parameter that never had a gradient (an unused modality's temperature) has
     # no optimizer state in the checkpoint, exactly as in the run that wrote it
-    set_optimizer_state_dict(state.model, state.optimizer, saved["optimizer"],
-                             options=StateDictOptions(full_state_dict=True, strict=False))
+    if saved["optimizer"] is not None:  # None: a sharded checkpoint, whose load restored it
+        set_optimizer_state_dict(state.model, state.optimizer, saved["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
     state.scheduler.load_state_dict(saved["scheduler"])
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])

@@ -63,6 +63,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from plait.core import checkpoint
+    from plait.core.runs import load_run
+
+    run_dir = Path(args.run_dir)
+    state = load_run(run_dir)[2]  # the newest checkpoint's weights, from its shards
+    newest = checkpoint.latest(run_dir / "checkpoints")
+    assert newest is not None  # load_run refused a folder without one
+    if not (newest / checkpoint.SHARDS).is_dir():
+        print(f"{newest}: already in the full format (model.safetensors)")
+        return 0
+    print(f"{checkpoint.export(newest, state.model)}: written")
+    return 0
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from plait.launch.compress import compress_run
 
@@ -199,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--modalities", help="comma list: use only these modalities (e.g. audio,image)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(func=cmd_eval)
+
+    export = sub.add_parser("export", help="write a sharded run's newest checkpoint as one model.safetensors")
+    export.add_argument("run_dir")
+    export.set_defaults(func=cmd_export)
 
     compress = sub.add_parser("compress", help="compress a run folder (quantize, distill...) into a new one")
     compress.add_argument("run_dir")

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from plait.core import checkpoint
 from plait.core.distributed import Distributed
+from plait.core.errors import DataError
 from plait.core.loop import fit
-from plait.core.runs import load
+from plait.core.runs import load, load_run
 from plait.launch.evaluate import evaluate_run
 from plait.launch.ray_runner import (
     find_unused_parameters,
@@ -108,8 +109,12 @@ def runs(tmp_path_factory):
                        without="image_encoder", batch_size=4, max_steps=40), "ddp"),
         "undeclared": (write("undeclared", {"spare_weight": {}}, max_steps=3), "ddp"),
         "declared": (write("declared", {"spare_weight": {"declare": True}}, max_steps=3), "ddp"),
-        "stopped": (write("split", {"stop_at": {"step": 10}}, "stopped"), "fsdp"),  # last checkpoint: step 8, mid-epoch
-        "resumed": (write("split"), "fsdp"),
+        # last checkpoint: step 8, mid-epoch; kept (keep_checkpoints) for the sharded format's test
+        "stopped": (write("split", {"stop_at": {"step": 10}}, "stopped", keep_checkpoints=5), "fsdp"),
+        "resumed": (write("split", keep_checkpoints=5), "fsdp"),
+        "stopped-sharded": (write("split-sharded", {"stop_at": {"step": 10}}, "stopped-sharded",
+                                  checkpoint_format="sharded", keep_checkpoints=5), "fsdp"),
+        "resumed-sharded": (write("split-sharded", checkpoint_format="sharded", keep_checkpoints=5), "fsdp"),
         "lm-eager": (write_lm("lm-eager"), "fsdp"),
         "lm-compiled": (write_lm("lm-compiled", compile=True), "fsdp"),
     }
@@ -191,6 +196,71 @@ def test_a_stopped_fsdp_run_resumes_to_the_same_weights(runs):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole), [
         k for k in whole if not torch.equal(whole[k], resumed[k])]
     assert runs[0]["resumed"]["test"] == runs[0]["fsdp"]["test"]
+
+
+@pytest.mark.timeout(400)
+def test_a_sharded_checkpoint_resumes_on_two_workers_to_the_same_weights(runs):
+    # each worker wrote its own shards at step 8 and nothing was gathered; two workers resume
+    # from them and end bitwise where the run that never stopped ended
+    assert runs[0]["stopped-sharded"]["error"] == "stopped at step 10"
+    step8 = runs["root"] / "runs" / "split-sharded" / "checkpoints" / "step-00000008"
+    assert (step8 / "shards" / ".metadata").is_file() and not (step8 / "model.safetensors").exists()
+    assert len(list((step8 / "shards").glob("*.distcp"))) == 2  # one file per worker
+    whole = _weights(runs, "fsdp")
+    resumed = load_run(runs["root"] / "runs" / "split-sharded")[2].model.state_dict()
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole), [
+        (k, float((whole[k].float() - resumed[k].float()).abs().max())) for k in whole
+        if not torch.equal(whole[k], resumed[k])][:6]
+
+
+@pytest.mark.timeout(400)
+def test_a_sharded_checkpoint_of_two_workers_resumes_on_one(runs, tmp_path):
+    import shutil
+
+    source = runs["root"] / "runs" / "split-sharded"
+    # loaded in one process, the step-8 shards are the weights the full format gathered at step 8
+    model = load_run(runs["root"] / "runs" / "split")[2].model
+    checkpoint.load(source / "checkpoints" / "step-00000008", model)
+    full = load_file(str(runs["root"] / "runs" / "split" / "checkpoints" / "step-00000008" / "model.safetensors"))
+    assert all(torch.equal(full[k], v) for k, v in model.state_dict().items())
+    # and a run resumed from them on one worker finishes
+    copy = tmp_path / "runs" / "split-sharded"
+    shutil.copytree(source, copy, ignore=lambda folder, names: [n for n in names if n > "step-00000008"
+                                                                 and n.startswith("step-")])
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["run"]["runs_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(config))
+    state = fit(*load(str(path), []))
+    assert state.step > 8 and state.metrics["test"]["fused"]["samples"] == 65
+
+
+@pytest.mark.timeout(400)
+def test_plait_export_turns_the_shards_into_the_file_eval_reads(runs, tmp_path, capsys):
+    import shutil
+
+    from plait.launch.cli import main
+
+    run = tmp_path / "split-sharded"
+    shutil.copytree(runs["root"] / "runs" / "split-sharded", run)
+    assert main(["export", str(run)]) == 0
+    written = checkpoint.latest(run / "checkpoints") / "model.safetensors"
+    assert f"{written}: written" in capsys.readouterr().out
+    assert sorted(load_file(str(written))) == sorted(_weights(runs, "fsdp"))
+    metrics = evaluate_run(run)
+    assert metrics["accuracy"] == runs[0]["resumed-sharded"]["test"]["fused"]["accuracy"]
+
+
+def test_an_incomplete_sharded_checkpoint_is_one_line(runs, tmp_path):
+    import shutil
+
+    broken = tmp_path / "step-00000008"
+    shutil.copytree(runs["root"] / "runs" / "split-sharded" / "checkpoints" / "step-00000008", broken)
+    (broken / "shards" / ".metadata").unlink()
+    model = load_run(runs["root"] / "runs" / "split")[2].model
+    with pytest.raises(DataError, match=r"step-00000008: the sharded checkpoint is incomplete"):
+        checkpoint.load(broken, model)
 
 
 @pytest.mark.timeout(400)
