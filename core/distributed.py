@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-__all__ = ["Distributed", "all_gather", "all_reduce_max", "all_reduce_sum", "pick_device", "seed_everything",
-           "sync_buffers", "unwrap"]
+__all__ = ["Distributed", "all_gather", "all_reduce_max", "all_reduce_sum", "peak_memory_mb", "pick_device",
+           "seed_everything", "sync_buffers", "unwrap"]
 
 
 def _identity(model: torch.nn.Module) -> torch.nn.Module:
@@ -66,6 +66,18 @@ def _all_reduce(values: list[float], op: Any) -> list[float]:
     torch.distributed.all_reduce(tensor, op=op)
     reduced: list[float] = tensor.tolist()
     return reduced
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak memory so far: resident set (the CPU's), and on CUDA what the caching
+    allocator allocated and reserved at most."""
+    import resource
+
+    peak: dict[str, float] = {"rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # KiB
+    if device.type == "cuda":
+        peak["cuda_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        peak["cuda_reserved"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+    return peak
 
 
 def all_gather(obj: Any) -> list[Any]:

@@ -23,7 +23,15 @@ from torch.utils.data import DataLoader
 from . import checkpoint, hookspecs
 from .config import PlaitConfig
 from .data import ShardSampler, TransformedDataset, build_dataset, epoch_loader, make_loader, move
-from .distributed import Distributed, all_reduce_sum, pick_device, seed_everything, unwrap
+from .distributed import (
+    Distributed,
+    all_gather,
+    all_reduce_sum,
+    peak_memory_mb,
+    pick_device,
+    seed_everything,
+    unwrap,
+)
 from .errors import ConfigError, DataError
 from .evaluation import evaluate, evaluate_by_modality
 from .files import write_json_atomic, write_text_atomic
@@ -235,6 +243,7 @@ def _finish(state: RunState, training: _Training, train_seconds: float, samples_
                                "samples_per_s": round(seen / max(train_seconds, 1e-9), 1)}
     if state.device.type == "cuda":
         results["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(state.device) / 2**20, 1)
+    results["peak_memory_mb"] = all_gather(peak_memory_mb(state.device))  # one entry per worker, by rank
     if "val" in state.metrics:
         results["val"] = state.metrics["val"]
     if "test" in training.evaluation:

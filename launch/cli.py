@@ -63,6 +63,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from plait.core.runs import load
+    from plait.launch.plan import parse_size, plan, print_plan
+
+    limit = parse_size(args.device_memory) if args.device_memory else None
+    config, plugins = load(args.config, args.overrides)
+    result = plan(config, plugins, limit)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_plan(args.config, result)
+    return 0 if result["fits"] else 1
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from plait.core import checkpoint
     from plait.core.runs import load_run
@@ -214,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--modalities", help="comma list: use only these modalities (e.g. audio,image)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     evaluate.set_defaults(func=cmd_eval)
+
+    plan_cmd = sub.add_parser("plan", help="per-worker memory of a config's training step, built on the meta device")
+    plan_cmd.add_argument("config")
+    plan_cmd.add_argument("overrides", nargs="*", metavar="key.path=value")
+    plan_cmd.add_argument("--device-memory", help="memory per worker to fit in (e.g. 24GiB; default: this machine's)")
+    plan_cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan_cmd.set_defaults(func=cmd_plan)
 
     export = sub.add_parser("export", help="write a sharded run's newest checkpoint as one model.safetensors")
     export.add_argument("run_dir")

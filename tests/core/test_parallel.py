@@ -116,6 +116,8 @@ def test_a_run_with_activation_checkpointing_trains_the_same_weights(tmp_path):
     checkpointed = train_steps(tmp_path / "ac", plugins, steps=3, activation_checkpointing="full")
     a, b = plain.model.state_dict(), checkpointed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    peaks = checkpointed.metrics["run"]["peak_memory_mb"]  # one per worker, in metrics.json as well
+    assert len(peaks) == 1 and peaks[0]["rss"] > 100
 
 
 def test_compile_on_the_cpu_without_a_compiler_is_one_line(monkeypatch):

@@ -1,0 +1,46 @@
+"""`plait plan`: a config's per-worker memory, from a model built on the meta device where it can be."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from plait.core.errors import ConfigError
+from plait.core.runs import load
+from plait.launch.cli import main
+from plait.launch.plan import parse_size, plan
+from plait.testing import TINY_PLUGINS, write_config
+
+
+@pytest.mark.parametrize("text, size", [("24GiB", 24 * 2**30), ("80 GB", 80 * 10**9), ("512m", 512 * 2**20),
+                                         ("1.5TiB", int(1.5 * 2**40)), ("4096", 4096)])
+def test_sizes_are_read_in_their_units(text, size):
+    assert parse_size(text) == size
+
+
+def test_a_device_memory_that_is_not_a_size_is_one_line(tmp_path, capsys):
+    path = write_config(tmp_path, copy.deepcopy(TINY_PLUGINS))
+    assert main(["plan", str(path), "--device-memory", "lots"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "plait: error: --device-memory: 'lots' is not a size (give one such as 24GiB, 80GB or 512MiB)"
+    with pytest.raises(ConfigError):
+        parse_size("12 parsecs")
+
+
+def _plan(tmp_path, name, *overrides, memory=None):
+    path = write_config(tmp_path, copy.deepcopy(TINY_PLUGINS), name=name, batch_size=16)
+    return plan(*load(str(path), list(overrides)), memory)
+
+
+def test_fsdp_holds_a_share_of_the_state_and_checkpointing_fewer_activations(tmp_path):
+    ddp = _plan(tmp_path, "ddp", "scaling.num_workers=2")
+    fsdp = _plan(tmp_path, "fsdp", "scaling.num_workers=2", "scaling.strategy=fsdp")
+    checkpointed = _plan(tmp_path, "ac", "run.activation_checkpointing=full")
+    state = ("parameters", "gradients", "optimizer")
+    for key in state:
+        assert fsdp["per_worker_bytes"][key] == ddp["per_worker_bytes"][key] // 2
+    assert ddp["per_worker_bytes"]["optimizer"] == 2 * ddp["per_worker_bytes"]["gradients"]  # AdamW's moments
+    assert fsdp["units"][:2] == ["encoders.text.model.encoder.layer.0", "encoders.image.model.layer1"]
+    assert ddp["units"] == [] and ddp["per_worker_bytes"]["gathered_unit"] == 0
+    assert 0 < checkpointed["per_worker_bytes"]["activations"] < ddp["per_worker_bytes"]["activations"]
+    assert _plan(tmp_path, "small", memory=2**20)["fits"] is False and ddp["fits"] is True
