@@ -75,6 +75,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _packed(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous copies on the CPU: safetensors refuses views, shared storage (tied weights are stored
+    twice) and other strides (a statically quantized convolution's weight can come out channels-last)."""
+    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in weights.items()}
+
+
 def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full, unsharded weights of ``model`` (plain, DDP or FSDP) on the CPU, under the
     plain module's names. Collective under FSDP: every worker calls it; only rank 0 gets them."""
@@ -97,8 +103,7 @@ def save(checkpoints_dir: Path, step: int, weights: dict[str, torch.Tensor], tra
         for stale in checkpoints_dir.glob(f"{TMP_PREFIX}*"):  # left by a process killed while writing
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        # Clones: safetensors refuses views and shared storage (tied weights are stored twice).
-        save_file({k: v.detach().cpu().clone() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        save_file(_packed(weights), str(tmp / "model.safetensors"))
         tensors: dict[str, torch.Tensor] = {}
         skeleton = flatten(trainer_state, tensors)
         save_file(tensors, str(tmp / "trainer.safetensors"))
@@ -205,7 +210,7 @@ def export(checkpoint: Path, model: torch.nn.Module) -> Path:
     _load_shards(checkpoint, model, None)
     target = checkpoint / "model.safetensors"
     tmp = checkpoint / f"{TMP_PREFIX}model-{os.getpid()}.safetensors"
-    save_file({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, str(tmp))
+    save_file(_packed(model.state_dict()), str(tmp))
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, target)

@@ -22,7 +22,7 @@ from torch import nn
 from .config import FsdpSettings
 from .errors import ConfigError, PluginError
 
-__all__ = ["blocks", "checkpoint_activations", "compile_blocks", "shard"]
+__all__ = ["blocks", "checkpoint_activations", "compile_blocks", "fsdp_units", "shard"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -104,7 +104,7 @@ def compile_blocks(model: nn.Module, device: torch.device) -> list[str]:
     return [name or "the whole model" for name, _ in declared]
 
 
-def _units(model: nn.Module, units: str | list[str]) -> list[tuple[str, nn.Module]]:
+def fsdp_units(model: nn.Module, units: str | list[str]) -> list[tuple[str, nn.Module]]:
     """The FSDP units below the root, innermost first (``fully_shard`` goes from the leaves up)."""
     containers = [(f"encoders.{m}", e) for m, e in getattr(model, "encoders", {}).items()]
     fusion = getattr(model, "fusion", None)
@@ -135,7 +135,7 @@ def shard(model: nn.Module, settings: FsdpSettings) -> list[str]:
 
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[settings.param_dtype],
                                   reduce_dtype=DTYPES[settings.reduce_dtype])
-    units = _units(model, settings.units)
+    units = fsdp_units(model, settings.units)
     for _, unit in units:
         fully_shard(unit, mp_policy=policy, reshard_after_forward=settings.reshard_after_forward)
     fully_shard(model, mp_policy=policy, reshard_after_forward=settings.reshard_after_forward)

@@ -23,7 +23,7 @@ from plait.core.data import build_dataset, make_loader
 from plait.core.errors import ConfigError
 from plait.core.manager import Plugins
 from plait.core.model import build_model
-from plait.core.parallel import blocks, checkpoint_activations
+from plait.core.parallel import blocks, checkpoint_activations, fsdp_units
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20, "g": 2**30,
          "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -99,9 +99,7 @@ def plan(config: PlaitConfig, plugins: Plugins, device_memory: int | None = None
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     sharded = scaling.strategy == "fsdp" and workers > 1
-    from plait.core.parallel import _units  # the units the runner shards, in its order
-
-    units = _units(model, scaling.fsdp.units) if sharded else []
+    units = fsdp_units(model, scaling.fsdp.units) if sharded else []  # the units the runner shards, in order
     unit_bytes = [sum(p.numel() * p.element_size() for p in unit.parameters()) for _, unit in units]
     share = 1 / workers if sharded else 1.0
     state = {"parameters": param_bytes * share, "gradients": trainable * share, "optimizer": 2 * trainable * share}

@@ -1,4 +1,5 @@
 import torch
+from safetensors.torch import load_file
 
 from plait.core import checkpoint
 
@@ -50,3 +51,12 @@ def test_loading_into_a_different_model_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="do not fit.*size mismatch for weight.*new run.name") as err:
         checkpoint.load(checkpoint.latest(tmp_path), torch.nn.Linear(4, 2))
     assert "\n" not in str(err.value)  # one line for the CLI
+
+
+def test_a_weight_in_another_memory_layout_is_saved_and_read_back(tmp_path):
+    # a statically quantized convolution's weight can come out channels-last; safetensors takes only
+    # contiguous tensors
+    weight = torch.randn(4, 3, 2, 2).to(memory_format=torch.channels_last)
+    assert not weight.is_contiguous()
+    saved = checkpoint.save(tmp_path, 1, {"conv.weight": weight}, {}, keep=1)
+    assert torch.equal(load_file(str(saved / "model.safetensors"))["conv.weight"], weight)
