@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .distributed import sync_buffers
+from .distributed import barrier, sync_buffers
 from .errors import DataError, PlaitError
 
 __all__ = ["PREFIX", "SHARDS", "CheckpointError", "export", "latest", "list_checkpoints", "load", "model_weights",
@@ -99,41 +99,54 @@ def save(checkpoints_dir: Path, step: int, weights: dict[str, torch.Tensor], tra
     final = checkpoints_dir / f"{PREFIX}{step:08d}"
     tmp = checkpoints_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     try:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        for stale in checkpoints_dir.glob(f"{TMP_PREFIX}*"):  # left by a process killed while writing
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
+        _start_writing(checkpoints_dir, tmp)
         save_file(_packed(weights), str(tmp / "model.safetensors"))
-        tensors: dict[str, torch.Tensor] = {}
-        skeleton = flatten(trainer_state, tensors)
-        save_file(tensors, str(tmp / "trainer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(skeleton, indent=1))
-        for file in tmp.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():  # the same step written again (a resumed run): swap, then drop the old one
-            replaced = checkpoints_dir / f"{TMP_PREFIX}replaced-{final.name}"
-            os.rename(final, replaced)
-            os.rename(tmp, final)
-            shutil.rmtree(replaced, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(checkpoints_dir)
+        _finish_writing(checkpoints_dir, tmp, final, trainer_state)
     except (OSError, SafetensorError) as exc:  # safetensors reports its I/O errors as its own type
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(exc, "strerror", None) or exc
-        raise CheckpointError(f"{checkpoints_dir}: cannot write checkpoint {final.name}: {reason}; "
-                              f"{what_is_kept(checkpoints_dir, 'is intact')}") from None
-    for old in list_checkpoints(checkpoints_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        raise _not_written(checkpoints_dir, tmp, final, exc) from None
+    _prune(checkpoints_dir, keep)
     return final
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
+def _start_writing(checkpoints_dir: Path, tmp: Path) -> None:
+    """An empty temporary folder for a checkpoint, and none left by a process killed while writing."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    for stale in checkpoints_dir.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+
+def _finish_writing(checkpoints_dir: Path, tmp: Path, final: Path, trainer_state: dict[str, Any]) -> None:
+    """Add the trainer state to ``tmp``, flush its files and rename it to ``final``."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = flatten(trainer_state, tensors)
+    save_file(tensors, str(tmp / "trainer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(skeleton, indent=1))
+    for file in tmp.iterdir():
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    if final.exists():  # the same step written again (a resumed run): swap, then drop the old one
+        replaced = checkpoints_dir / f"{TMP_PREFIX}replaced-{final.name}"
+        os.rename(final, replaced)
+        os.rename(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(checkpoints_dir)
+
+
+def _not_written(checkpoints_dir: Path, tmp: Path, final: Path, exc: Exception) -> CheckpointError:
+    """The one-line error of a failed write (disk full, read-only folder, quota), its leftovers removed."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    reason = getattr(exc, "strerror", None) or exc
+    return CheckpointError(f"{checkpoints_dir}: cannot write checkpoint {final.name}: {reason}; "
+                           f"{what_is_kept(checkpoints_dir, 'is intact')}")
+
+
+def _prune(checkpoints_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_sharded(checkpoints_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -149,31 +162,18 @@ def save_sharded(checkpoints_dir: Path, step: int, model: torch.nn.Module, optim
     final = checkpoints_dir / f"{PREFIX}{step:08d}"
     tmp = checkpoints_dir / f"{TMP_PREFIX}{final.name}-sharded"  # one name that every worker knows
     if is_main:
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        for stale in checkpoints_dir.glob(f"{TMP_PREFIX}*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
+        _start_writing(checkpoints_dir, tmp)
+    barrier()
     sync_buffers(model)  # buffers are not sharded: every worker saves rank 0's, as the full format keeps them
     states = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.save(states, checkpoint_id=str(tmp / SHARDS))
     if is_main:
         try:
-            tensors: dict[str, torch.Tensor] = {}
-            skeleton = flatten(trainer_state, tensors)
-            save_file(tensors, str(tmp / "trainer.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(skeleton, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            _fsync_dir(checkpoints_dir)
+            _finish_writing(checkpoints_dir, tmp, final, trainer_state)
         except (OSError, SafetensorError) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"{checkpoints_dir}: cannot write checkpoint {final.name}: {exc}; "
-                                  f"{what_is_kept(checkpoints_dir, 'is intact')}") from None
-        for old in list_checkpoints(checkpoints_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+            raise _not_written(checkpoints_dir, tmp, final, exc) from None
+        _prune(checkpoints_dir, keep)
+    barrier()
     return final
 
 
@@ -205,9 +205,9 @@ def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.opti
 
 
 def export(checkpoint: Path, model: torch.nn.Module) -> Path:
-    """Write ``model.safetensors`` into a sharded checkpoint from its shards, loaded into ``model`` (a
-    plain model of the run, one process): what ``plait eval``, ``compress`` and distillation read."""
-    _load_shards(checkpoint, model, None)
+    """Write ``model.safetensors`` into a sharded checkpoint: the weights of ``model``, a plain model of the
+    run that ``load`` filled from those shards (``plait.core.runs.load_run`` does), which is what ``plait
+    eval``, ``compress`` and distillation read."""
     target = checkpoint / "model.safetensors"
     tmp = checkpoint / f"{TMP_PREFIX}model-{os.getpid()}.safetensors"
     save_file(_packed(model.state_dict()), str(tmp))
@@ -245,18 +245,12 @@ def load(checkpoint: Path, model: torch.nn.Module, device: torch.device | str = 
     # a resume reads the shards (they hold the optimizer); eval reads what `plait export` wrote, if it did
     if (checkpoint / SHARDS).is_dir() and (optimizer is not None or not (checkpoint / "model.safetensors").is_file()):
         _load_shards(checkpoint, model, optimizer)
-        try:
-            tensors = load_file(str(checkpoint / "trainer.safetensors"), device="cpu")
-            skeleton = json.loads((checkpoint / "state.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{checkpoint}: unreadable checkpoint: {exc}") from None
-        return {**unflatten(skeleton, tensors), "optimizer": None}
+        return {**_read_trainer_state(checkpoint), "optimizer": None}
     try:
         weights = load_file(str(checkpoint / "model.safetensors"), device=str(device))
-        tensors = load_file(str(checkpoint / "trainer.safetensors"), device="cpu")
-        skeleton = json.loads((checkpoint / "state.json").read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{checkpoint}: unreadable checkpoint: {exc}") from None
+    trainer = _read_trainer_state(checkpoint)
     misfit = (f"{checkpoint}: the saved weights do not fit the model built from the config ({{}}); a changed "
               "model needs a new run.name")
     try:
@@ -267,5 +261,15 @@ def load(checkpoint: Path, model: torch.nn.Module, device: torch.device | str = 
         raise DataError(misfit.format("; ".join(details[:3]))) from None
     if missing or unexpected:
         raise DataError(misfit.format(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"))
+    return trainer
+
+
+def _read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """What ``_finish_writing`` wrote beside the weights."""
+    try:
+        tensors = load_file(str(checkpoint / "trainer.safetensors"), device="cpu")
+        skeleton = json.loads((checkpoint / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{checkpoint}: unreadable checkpoint: {exc}") from None
     trainer: dict[str, Any] = unflatten(skeleton, tensors)
     return trainer

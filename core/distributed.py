@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-__all__ = ["Distributed", "all_gather", "all_reduce_max", "all_reduce_sum", "peak_memory_mb", "pick_device",
-           "seed_everything", "sync_buffers", "unwrap"]
+__all__ = ["Distributed", "all_gather", "all_reduce_max", "all_reduce_sum", "barrier", "peak_memory_mb",
+           "pick_device", "seed_everything", "sync_buffers", "unwrap"]
 
 
 def _identity(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,6 +78,12 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
         peak["cuda_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         peak["cuda_reserved"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
     return peak
+
+
+def barrier() -> None:
+    """Wait for every worker (nothing in one process)."""
+    if _distributed():
+        torch.distributed.barrier()
 
 
 def all_gather(obj: Any) -> list[Any]:

@@ -82,12 +82,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from plait.core.runs import load_run
 
     run_dir = Path(args.run_dir)
-    state = load_run(run_dir)[2]  # the newest checkpoint's weights, from its shards
     newest = checkpoint.latest(run_dir / "checkpoints")
-    assert newest is not None  # load_run refused a folder without one
-    if not (newest / checkpoint.SHARDS).is_dir():
+    if newest is not None and not (newest / checkpoint.SHARDS).is_dir():
         print(f"{newest}: already in the full format (model.safetensors)")
         return 0
+    state = load_run(run_dir)[2]  # the newest checkpoint's weights, from its shards (or one line why not)
+    assert newest is not None  # load_run refused a folder without one
     print(f"{checkpoint.export(newest, state.model)}: written")
     return 0
 
