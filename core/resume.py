@@ -54,8 +54,9 @@ def save_checkpoint(state: RunState, batches_done: int) -> None:
                                        trainer, run.keep_checkpoints, state.is_main)
     else:
         weights, trainer = checkpoint.model_weights(state.model), trainer_state(state, batches_done)
-        path = checkpoint.save(state.run_dir / "checkpoints", state.step, weights, trainer,
-                               run.keep_checkpoints) if state.is_main else Path()
+        if not state.is_main:
+            return
+        path = checkpoint.save(state.run_dir / "checkpoints", state.step, weights, trainer, run.keep_checkpoints)
     if state.is_main:
         state.plugins.call_each(hookspecs.plait_checkpoint_saved, state=state, path=path)
 

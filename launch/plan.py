@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from plait.core.config import PlaitConfig
-from plait.core.data import build_dataset, make_loader
+from plait.core.data import build_dataset, make_loader, move
 from plait.core.errors import ConfigError
 from plait.core.manager import Plugins
 from plait.core.model import build_model
@@ -66,14 +66,6 @@ def _activation_bytes(model: torch.nn.Module, batch: dict[str, Any]) -> int:
     return sum(saved.values())
 
 
-def _moved(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _moved(v, device) for k, v in value.items()}
-    return value
-
-
 def _build(plugins: Plugins, config: PlaitConfig, modalities: tuple[str, ...], classes: int) -> torch.nn.Module:
     """The model on the meta device, where every module can be built there; on the CPU otherwise
     (torchaudio's mel filters read a value while they are built)."""
@@ -106,7 +98,7 @@ def plan(config: PlaitConfig, plugins: Plugins, device_memory: int | None = None
     gathered = 2 * max(unit_bytes, default=0) if sharded else 0  # one unit's weights and gradients, whole
     batch = next(iter(make_loader(train_set, run.batch_size, True, run.seed, 0)))
     model.train()
-    activations = _activation_bytes(model, _moved(batch, device))
+    activations = _activation_bytes(model, move(batch, device))
     total = sum(state.values()) + gathered + activations
     limit = device_memory if device_memory is not None else this_machines_memory(scaling.use_gpu)
     return {

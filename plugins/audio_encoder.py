@@ -64,9 +64,10 @@ class AudioEncoder(nn.Module):
 def _flat_cnn_names(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
     """Weights saved before the CNN was grouped into blocks: ``cnn.5.weight`` is ``cnn.1.1.weight``."""
     flat = re.compile(rf"^{re.escape(prefix)}cnn\.(\d+)\.(?=[^.]+$)")
-    for key in [k for k in state_dict if flat.match(k)]:
-        index = int(flat.match(key).group(1))  # type: ignore[union-attr]
-        state_dict[flat.sub(f"{prefix}cnn.{index // 4}.{index % 4}.", key)] = state_dict.pop(key)
+    for key, found in [(k, flat.match(k)) for k in state_dict]:
+        if found:
+            index = int(found.group(1))
+            state_dict[flat.sub(f"{prefix}cnn.{index // 4}.{index % 4}.", key)] = state_dict.pop(key)
 
 
 @hookimpl

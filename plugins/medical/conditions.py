@@ -368,6 +368,10 @@ NOT_A_CONDITION = re.compile(r"\s+(?:vaccines?|vaccinations?|shots?|clinics?|tea
 STATE_ZIP = re.compile(r"\s+\d{5}(?:-\d{4})?\b")
 
 
+#: Where a mention's qualifiers end: a stop, semicolon or comma, or a word that starts another clause.
+CLAUSE_CUTS = re.compile(r"[.;,\n]\s|\b(?:and|but|however|versus|vs|who|which)\b")
+
+
 def _unhyphenated(text: str) -> str:
     """``text`` with a hyphen between letters read as a space: the same length, so offsets hold."""
     return re.sub(r"(?<=[^\W\d])-(?=[^\W\d])", " ", text)
@@ -376,7 +380,6 @@ def _unhyphenated(text: str) -> str:
 def _clause(text: str, start: int, end: int) -> str:
     """The words that qualify a mention: from the last stop, semicolon, comma or "and" before it to the next
     one after it ("CKD stage 4" in "COPD, CHF and CKD stage 4")."""
-    cuts = re.compile(r"[.;,\n]\s|\b(?:and|but|however|versus|vs|who|which)\b")
-    before = [m.end() for m in cuts.finditer(text, 0, start)]
-    after = cuts.search(text, end)
+    before = [m.end() for m in CLAUSE_CUTS.finditer(text, 0, start)]
+    after = CLAUSE_CUTS.search(text, end)
     return text[before[-1] if before else 0:after.start() if after else len(text)]

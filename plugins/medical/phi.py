@@ -281,8 +281,7 @@ def _name_runs(text: str) -> list[Span]:
             close()
         if _foreign(surface):
             run.append((word, True))
-        elif surface[0].isupper() and not ABBREVIATION.search(surface) and _key(surface) not in NOT_NAMES:
-            key = _key(surface)
+        elif surface[0].isupper() and not ABBREVIATION.search(surface) and (key := _key(surface)) not in NOT_NAMES:
             unknown = not _is_known(surface)
             if run or unknown or key in first or key in last:
                 run.append((word, unknown))  # a known word may go on a name ("Adèle Bigot"), not start one

@@ -132,7 +132,8 @@ def _lineage(code: str) -> frozenset[str]:
     return frozenset(found)
 
 
-def _clause_words(clause: str, expansion: set[str]) -> set[str]:
+def _clause_words(clause: str) -> set[str]:
+    """The clause's words, normalised as the module docstring says (its abbreviations aside)."""
     raw = set(WORD.findall(clause.lower()))
     found = words(clause)
     for word in list(found):
@@ -142,10 +143,7 @@ def _clause_words(clause: str, expansion: set[str]) -> set[str]:
         found.add("bilateral")
     if found & {"right", "left"} and "bilateral" not in found:
         found.add("unilateral")
-    for group in OPPOSITES:
-        if found & group:
-            expansion -= group
-    return found | expansion
+    return found
 
 
 def most_specific(code: str, mention: str, clause: str) -> tuple[str, bool]:
@@ -163,8 +161,11 @@ def most_specific(code: str, mention: str, clause: str) -> tuple[str, bool]:
     absent = ABSENT.search(clause, at + len(mention)) if at >= 0 else None
     if absent:  # "stroke without residual deficits": no deficit to code
         clause = clause[:absent.start()]
-    stated = _clause_words(clause, set())
-    support = stated | _clause_words(clause, expansion)
+    stated = _clause_words(clause)
+    for group in OPPOSITES:  # the clause's "chronic" overrides the abbreviation's "acute"
+        if stated & group:
+            expansion -= group
+    support = stated | expansion
     head = _head(code)
 
     def evidence(candidate: str) -> int:  # what the clause itself says, the abbreviation's words aside
