@@ -22,7 +22,7 @@ from torch import nn
 from .config import FsdpSettings
 from .errors import ConfigError, PluginError
 
-__all__ = ["blocks", "checkpoint_activations", "compile_blocks", "fsdp_units", "shard"]
+__all__ = ["COMPILING", "blocks", "checkpoint_activations", "compile_blocks", "compiled_after", "fsdp_units", "shard"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -63,13 +63,19 @@ def _statistics_kept(block: nn.Module) -> Iterator[None]:
                 cast(torch.Tensor, norm.num_batches_tracked).copy_(count)
 
 
+def _has_statistics(block: nn.Module) -> bool:
+    return any(isinstance(m, NORMS) and m.track_running_stats for m in block.modules())
+
+
 def _recomputed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The block's own forward under non-reentrant checkpointing: its activations are recomputed in the
-    backward pass, with the random state of the first pass (the same dropout masks)."""
+    backward pass, with the random state of the first pass (the same dropout masks). Only a block with batch
+    norms gets a context that restores their statistics: torch.compile traces checkpoint without one."""
     from torch.utils.checkpoint import checkpoint
 
-    return checkpoint(type(self).forward, self, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _statistics_kept(self)), **kwargs)
+    if _has_statistics(self):
+        kwargs["context_fn"] = lambda: (contextlib.nullcontext(), _statistics_kept(self))
+    return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
 
 
 def checkpoint_activations(model: nn.Module, mode: str, every: int = 2) -> list[str]:
@@ -99,9 +105,21 @@ def compile_blocks(model: nn.Module, device: torch.device) -> list[str]:
                           "with one), and none of $CXX, c++, g++ or clang++ is on PATH; install one (apt install "
                           "g++) or set run.compile: false")
     declared = blocks(model) or [("", model)]
-    for _, block in declared:
+    for name, block in declared:
+        if "forward" in block.__dict__ and _has_statistics(block):  # recomputed by checkpoint_activations
+            raise ConfigError(f"run.compile with run.activation_checkpointing: block '{name}' has batch norms, whose "
+                              "statistics a recomputation restores in a way torch.compile cannot trace; use one "
+                              "of the two for this model")
         block.compile(dynamic=False)
     return [name or "the whole model" for name, _ in declared]
+
+
+#: What progress output says while the first step of a ``run.compile`` run compiles, and after it.
+COMPILING = "run.compile: the first step traces each block and builds its kernels; it takes longer than the rest"
+
+
+def compiled_after(seconds: float) -> str:
+    return f"run.compile: the first step took {seconds:.1f} s, compilation included"
 
 
 def fsdp_units(model: nn.Module, units: str | list[str]) -> list[tuple[str, nn.Module]]:

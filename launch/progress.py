@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from plait.core.hookspecs import hookimpl
+from plait.core.parallel import COMPILING, compiled_after
 
 __all__ = ["ProgressForwarder", "send_nowait", "show_progress"]
 
@@ -31,6 +32,7 @@ class ProgressForwarder:
         self.queue = queue
         self.interval_s = interval_s
         self.last_sent = 0.0
+        self.compiling_since: float | None = None  # run.compile: until the first step ends
 
     def _send(self, event: dict) -> None:
         self.last_sent = time.monotonic()
@@ -39,9 +41,15 @@ class ProgressForwarder:
     @hookimpl
     def plait_fit_start(self, state) -> None:
         self._send({"total": state.total_steps, "step": state.step, "name": state.config.run.name})
+        if state.config.run.compile:
+            self._send({"note": COMPILING})
+            self.compiling_since = time.perf_counter()
 
     @hookimpl
     def plait_batch_end(self, state) -> None:
+        if self.compiling_since is not None:
+            self._send({"note": compiled_after(time.perf_counter() - self.compiling_since)})
+            self.compiling_since = None
         if time.monotonic() - self.last_sent >= self.interval_s or state.step == state.total_steps:
             self._send({"step": state.step})
 
@@ -71,6 +79,8 @@ def show_progress(queue: Any, running: threading.Thread, workers: dict[int, dict
                 continue
             if "worker" in event:
                 workers[event["worker"]["rank"]] = event["worker"]
+            elif "note" in event:
+                progress.console.print(event["note"])
             elif "total" in event:
                 task = progress.add_task(event["name"], total=event["total"], completed=event["step"],
                                          loss="-", speed="-")

@@ -2,6 +2,7 @@
 with the validation metrics. Main process only."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from rich.console import Console
@@ -16,6 +17,7 @@ from rich.progress import (
 )
 
 from plait.core.hookspecs import hookimpl
+from plait.core.parallel import COMPILING, compiled_after
 from plait.core.stash import StashKey
 
 
@@ -23,6 +25,7 @@ from plait.core.stash import StashKey
 class _Bar:
     progress: Progress
     task: TaskID
+    compiling_since: float | None = None  # run.compile: until the first step ends
 
 
 #: This run's bar (in the run's stash; main process only).
@@ -40,14 +43,21 @@ def plait_fit_start(state):
     )
     task = progress.add_task(state.config.run.name, total=state.total_steps, completed=state.step, loss="-", speed="-")
     progress.start()
-    state.plugins.stash[BAR] = _Bar(progress, task)
+    bar = state.plugins.stash[BAR] = _Bar(progress, task)
+    if state.config.run.compile:
+        progress.console.print(COMPILING)
+        bar.compiling_since = time.perf_counter()
 
 
 @hookimpl
 def plait_batch_end(state):
     bar = state.plugins.stash.get(BAR)
-    if bar is not None:
-        bar.progress.update(bar.task, completed=state.step)
+    if bar is None:
+        return
+    bar.progress.update(bar.task, completed=state.step)
+    if bar.compiling_since is not None:
+        bar.progress.console.print(compiled_after(time.perf_counter() - bar.compiling_since))
+        bar.compiling_since = None
 
 
 @hookimpl

@@ -11,12 +11,14 @@ import torch
 from plait.core import parallel
 from plait.core.config import FsdpSettings
 from plait.core.errors import ConfigError, PluginError
+from plait.core.loop import fit
+from plait.core.runs import load
 from plait.plugins.audio_encoder import AudioEncoder, AudioEncoderOptions
 from plait.plugins.fusion import Fusion, FusionOptions
 from plait.plugins.image_encoder import ImageEncoder, ImageEncoderOptions
 from plait.plugins.text_encoder import TextEncoder, TextEncoderOptions
 from plait.plugins.wiki_lm import CausalLM, WikiLMOptions
-from plait.testing import TINY_PLUGINS, train_steps
+from plait.testing import TINY_PLUGINS, train_steps, write_config
 
 TEXTS = ["the cat sat on the mat", "a dog barked twice", "seven", "nine and four"]
 
@@ -132,3 +134,23 @@ def test_compiling_blocks_keeps_their_names():
     assert parallel.compile_blocks(model, torch.device("cpu")) == ["text.model.encoder.layer.0",
                                                                    "text.model.encoder.layer.1"]
     assert list(model.state_dict()) == names
+
+
+def test_compiled_blocks_cannot_also_recompute_batch_norms():
+    model = torch.nn.ModuleDict({"image": ImageEncoder(ImageEncoderOptions(**TINY_PLUGINS["image_encoder"]))})
+    parallel.checkpoint_activations(model, "full")
+    with pytest.raises(ConfigError, match=r"run.compile with run.activation_checkpointing: block 'image.model.layer1' "
+                                          "has batch norms"):
+        parallel.compile_blocks(model, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_the_first_compiled_step_is_announced_and_timed(tmp_path, capsys):
+    lm = {"seq_len": 16, "dim": 32, "layers": 2, "heads": 2, "ffn": 64, "max_articles": 40}
+    path = write_config(tmp_path, {"wiki_lm": lm, "progress": {}}, max_steps=2, batch_size=4, compile=True)
+    fit(*load(path))
+    err = " ".join(capsys.readouterr().err.split())  # as rich wraps it at the terminal's width
+    assert parallel.COMPILING in err
+    took = re.search(r"run.compile: the first step took (\d+\.\d) s, compilation included", err)
+    assert took and float(took[1]) > 0.5, err[-2000:]
+    assert err.index(parallel.COMPILING) < took.start()
