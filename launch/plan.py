@@ -3,16 +3,22 @@
 The model is built on the meta device (no weights are allocated), so a model far larger than this machine
 can be planned. Per worker, for the configured strategy and ``scaling.num_workers``:
 
-- parameters, gradients and AdamW's two moments: whole under DDP, 1/N under FSDP, plus the largest FSDP
-  unit gathered whole for its forward and backward;
-- activations for one micro-batch: the bytes autograd saves for the backward pass in a forward of a real
-  batch of the configured size, measured on meta tensors (activation checkpointing included);
+- parameters, gradients and AdamW's two moments: whole under DDP, 1/N under FSDP;
+- under FSDP, the weights and gradients gathered whole at once: the root's own (gathered for the whole
+  forward and backward) and the largest other unit's;
+- activations for one micro-batch: the peak of a forward, the plugins' loss and the backward of a real batch
+  of the configured size, weights and their gradients aside, measured by PyTorch's ``MemTracker`` on meta
+  tensors: what autograd saves, activation checkpointing's recomputation and the backward's temporaries;
 - the FSDP units, and whether the sum fits ``--device-memory``.
+
+Not counted: the runtime's own memory (libraries and allocator pools on the CPU, the CUDA context on a GPU),
+which ``benchmarks/memory.py`` measures beside the plan.
 """
 from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,9 @@ from plait.core.data import build_dataset, make_loader, move
 from plait.core.errors import ConfigError
 from plait.core.manager import Plugins
 from plait.core.model import build_model
-from plait.core.parallel import blocks, checkpoint_activations, fsdp_units
+from plait.core.parallel import DTYPES, blocks, checkpoint_activations, fsdp_units
+from plait.core.state import RunState
+from plait.core.step import loss_terms
 
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20, "g": 2**30,
          "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -44,26 +52,29 @@ def this_machines_memory(use_gpu: bool) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def _storage(tensor: torch.Tensor) -> int:
-    """An id of the memory a tensor views: views of one tensor share it (meta tensors have no address)."""
-    return int(tensor.untyped_storage()._cdata)
+def _activation_bytes(state: RunState, batch: dict[str, Any]) -> int:
+    """The peak memory of one micro-batch's forward, loss and backward above the weights: each gradient is
+    dropped as it arrives (the state's share is counted apart), so what remains is activations and
+    temporaries, as PyTorch's ``MemTracker`` attributes them."""
+    from torch.distributed._tools.mem_tracker import MemTracker
 
-
-def _activation_bytes(model: torch.nn.Module, batch: dict[str, Any]) -> int:
-    """What autograd saves for the backward pass in one forward of ``batch``, weights (and views of them)
-    aside: each distinct piece of memory once."""
-    weights = {_storage(p) for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        key = _storage(tensor)
-        if key not in weights:
-            saved[key] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        model(batch)
-    return sum(saved.values())
+    model = state.model
+    drops = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+             for p in model.parameters() if p.requires_grad]
+    tracker = MemTracker()
+    tracker.track_external(model)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "expected a tensor": the gradients dropped above
+            with tracker:
+                outputs = model(batch)
+                loss = torch.stack([t.float() for t in loss_terms(state, batch, outputs).values()]).sum()
+                loss.backward()
+    finally:
+        for handle in drops:
+            handle.remove()
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return int(peak["Total"] - sum(p.numel() * p.element_size() for p in model.parameters()))
 
 
 def _build(plugins: Plugins, config: PlaitConfig, modalities: tuple[str, ...], classes: int) -> torch.nn.Module:
@@ -76,6 +87,23 @@ def _build(plugins: Plugins, config: PlaitConfig, modalities: tuple[str, ...], c
         if "meta" not in str(exc):
             raise
         return build_model(plugins, config, modalities, classes)
+
+
+def _gathered_bytes(model: torch.nn.Module, units: list[torch.nn.Module], dtype: torch.dtype | None) -> int:
+    """The weights and unsharded gradients FSDP holds whole at once: the root's own, which it keeps gathered
+    from its forward to the end of the backward, and the largest other unit's."""
+    def size(params: list[torch.nn.Parameter]) -> int:
+        return sum(p.numel() * (torch.empty((), dtype=dtype).element_size() if dtype else p.element_size())
+                   for p in params)
+
+    claimed: set[int] = set()
+    own = []  # each unit's parameters less those of the units inside it (``units`` is innermost first)
+    for unit in units:
+        mine = [p for p in unit.parameters() if id(p) not in claimed]
+        claimed.update(id(p) for p in mine)
+        own.append(size(mine))
+    root = size([p for p in model.parameters() if id(p) not in claimed])
+    return 2 * (root + max(own, default=0))
 
 
 def plan(config: PlaitConfig, plugins: Plugins, device_memory: int | None = None) -> dict[str, Any]:
@@ -92,13 +120,17 @@ def plan(config: PlaitConfig, plugins: Plugins, device_memory: int | None = None
     trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     sharded = scaling.strategy == "fsdp" and workers > 1
     units = fsdp_units(model, scaling.fsdp.units) if sharded else []  # the units the runner shards, in order
-    unit_bytes = [sum(p.numel() * p.element_size() for p in unit.parameters()) for _, unit in units]
     share = 1 / workers if sharded else 1.0
     state = {"parameters": param_bytes * share, "gradients": trainable * share, "optimizer": 2 * trainable * share}
-    gathered = 2 * max(unit_bytes, default=0) if sharded else 0  # one unit's weights and gradients, whole
+    compute = DTYPES["bfloat16"] if run.precision == "bf16" or scaling.fsdp.param_dtype == "bfloat16" else None
+    gathered = _gathered_bytes(model, [unit for _, unit in units], compute) if sharded else 0
     batch = next(iter(make_loader(train_set, run.batch_size, True, run.seed, 0)))
     model.train()
-    activations = _activation_bytes(model, move(batch, device))
+    if compute is not None:  # activations in the compute dtype (autocast and FSDP's param_dtype)
+        model.to(compute)
+    run_state = RunState(config=config, plugins=plugins, run_dir=Path(config.run.runs_dir), device=device,
+                         model=model, classes=list(train_set.classes), modalities=train_set.modalities)
+    activations = _activation_bytes(run_state, move(batch, device))
     total = sum(state.values()) + gathered + activations
     limit = device_memory if device_memory is not None else this_machines_memory(scaling.use_gpu)
     return {

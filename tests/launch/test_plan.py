@@ -44,3 +44,31 @@ def test_fsdp_holds_a_share_of_the_state_and_checkpointing_fewer_activations(tmp
     assert ddp["units"] == [] and ddp["per_worker_bytes"]["gathered_unit"] == 0
     assert 0 < checkpointed["per_worker_bytes"]["activations"] < ddp["per_worker_bytes"]["activations"]
     assert _plan(tmp_path, "small", memory=2**20)["fits"] is False and ddp["fits"] is True
+
+
+def test_activations_include_the_loss_and_the_backward(tmp_path):
+    # a language model over MiniLM's 30,522 pieces: its logits, the loss's log-softmax and their
+    # gradients are each batch x length x vocabulary floats, and most of its activations
+    lm = {"tokenizer": "wordpiece", "seq_len": 16, "dim": 32, "layers": 1, "heads": 2, "ffn": 64, "max_articles": 40}
+    path = write_config(tmp_path, {"wiki_lm": lm}, name="lm", batch_size=4)
+    result = plan(*load(str(path), []))
+    logits = 4 * 16 * 30522 * 4
+    assert 3 * logits < result["per_worker_bytes"]["activations"] < 6 * logits
+    assert result["built_on"] == "meta" and result["blocks"] == 1
+
+
+def test_the_large_example_is_bert_base_sized_and_sharded_per_block():
+    from pathlib import Path
+
+    source = Path(__file__).parents[2] / "examples" / "large" / "large.yaml"
+    result = plan(*load(str(source), ["plugins.wiki_lm.max_articles=40"]))
+    assert 100e6 < result["parameters"] < 120e6 and result["workers"] == 2 and result["strategy"] == "fsdp"
+    assert result["units"] == [f"blocks.layers.{i}" for i in range(12)]
+    sizes = result["per_worker_bytes"]
+    assert sizes["parameters"] == result["parameters"] * 4 // 2  # fp32, half on each worker
+    whole_model = _plan_of(source, "run.activation_checkpointing=none")
+    assert sizes["activations"] < whole_model["per_worker_bytes"]["activations"] / 2  # checkpointed blocks
+
+
+def _plan_of(source, *overrides):
+    return plan(*load(str(source), ["plugins.wiki_lm.max_articles=40", *overrides]))
