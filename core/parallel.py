@@ -22,7 +22,8 @@ from torch import nn
 from .config import FsdpSettings
 from .errors import ConfigError, PluginError
 
-__all__ = ["COMPILING", "blocks", "checkpoint_activations", "compile_blocks", "compiled_after", "fsdp_units", "shard"]
+__all__ = ["COMPILING", "DTYPES", "blocks", "checkpoint_activations", "compile_blocks", "compiled_after", "fsdp_units",
+           "shard"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

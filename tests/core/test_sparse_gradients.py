@@ -89,6 +89,8 @@ def _tied_step(rank: int, port: int) -> None:
     logits = ddp({"inputs": {"text": {"ids": ids}}})["logits"]
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
     assert model.embed.weight.grad is not None and not model.embed.weight.grad.is_sparse
+    del ddp  # its reducer holds the process group: gone first, so that gloo's threads end before it
+    dist.barrier()
     dist.destroy_process_group()
 
 
