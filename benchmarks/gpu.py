@@ -30,23 +30,14 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 
 def flops_per_sample(config: Any, plugins: Any) -> float:
     """Forward + loss + backward FLOPs of one training batch, per sample, counted on the meta device."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from plait.core.data import build_dataset, make_loader, move
-    from plait.core.model import build_model
-    from plait.core.state import RunState
-    from plait.core.step import loss_terms
+    from plait.launch.plan import meta_step, training_loss
 
-    train_set = build_dataset(plugins, config, "train")
-    with torch.device("meta"):
-        model = build_model(plugins, config, train_set.modalities, len(train_set.classes))
-    batch = move(next(iter(make_loader(train_set, config.run.batch_size, True, 0, 0))), torch.device("meta"))
-    state = RunState(config=config, plugins=plugins, run_dir=Path("."), device=torch.device("meta"), model=model,
-                     classes=list(train_set.classes), modalities=train_set.modalities)
+    state, batch = meta_step(config, plugins)
     with FlopCounterMode(display=False) as counter:
-        outputs = model(batch)
-        torch.stack(list(loss_terms(state, batch, outputs).values())).sum().backward()
+        _, loss = training_loss(state, batch)
+        loss.backward()
     return counter.get_total_flops() / config.run.batch_size
 
 

@@ -52,6 +52,28 @@ def this_machines_memory(use_gpu: bool) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def training_loss(state: RunState, batch: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
+    """The forward's outputs and every plugin's loss terms, summed, as a training step computes them. Keep
+    the outputs through the backward, as the loop does (``plait_batch_end`` sees them): a language model's
+    logits are a good part of its peak."""
+    outputs = state.model(batch)
+    return outputs, torch.stack([t.float() for t in loss_terms(state, batch, outputs).values()]).sum()
+
+
+def meta_step(config: PlaitConfig, plugins: Plugins) -> tuple[RunState, dict[str, Any]]:
+    """A run state whose model (in train mode) is built on the meta device where it can be (see ``_build``),
+    and the first training batch of the configured size on the model's device: a step to measure, not run."""
+    train_set = build_dataset(plugins, config, "train")
+    assert train_set is not None
+    model = _build(plugins, config, train_set.modalities, len(train_set.classes))
+    model.train()
+    device = next(model.parameters()).device
+    batch = next(iter(make_loader(train_set, config.run.batch_size, True, config.run.seed, 0)))
+    state = RunState(config=config, plugins=plugins, run_dir=Path(config.run.runs_dir), device=device, model=model,
+                     classes=list(train_set.classes), modalities=train_set.modalities)
+    return state, move(batch, device)
+
+
 def _activation_bytes(state: RunState, batch: dict[str, Any]) -> int:
     """The peak memory of one micro-batch's forward, loss and backward above the weights: each gradient is
     dropped as it arrives (the state's share is counted apart), so what remains is activations and
@@ -67,9 +89,9 @@ def _activation_bytes(state: RunState, batch: dict[str, Any]) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "expected a tensor": the gradients dropped above
             with tracker:
-                outputs = model(batch)
-                loss = torch.stack([t.float() for t in loss_terms(state, batch, outputs).values()]).sum()
+                outputs, loss = training_loss(state, batch)
                 loss.backward()
+                del outputs
     finally:
         for handle in drops:
             handle.remove()
@@ -93,8 +115,7 @@ def _gathered_bytes(model: torch.nn.Module, units: list[torch.nn.Module], dtype:
     """The weights and unsharded gradients FSDP holds whole at once: the root's own, which it keeps gathered
     from its forward to the end of the backward, and the largest other unit's."""
     def size(params: list[torch.nn.Parameter]) -> int:
-        return sum(p.numel() * (torch.empty((), dtype=dtype).element_size() if dtype else p.element_size())
-                   for p in params)
+        return sum(p.numel() * (dtype.itemsize if dtype else p.element_size()) for p in params)
 
     claimed: set[int] = set()
     own = []  # each unit's parameters less those of the units inside it (``units`` is innermost first)
@@ -110,10 +131,8 @@ def plan(config: PlaitConfig, plugins: Plugins, device_memory: int | None = None
     """The per-worker memory plan of ``config``'s model (see the module docstring)."""
     scaling, run = config.scaling, config.run
     workers = max(1, scaling.num_workers)
-    train_set = build_dataset(plugins, config, "train")
-    assert train_set is not None
-    model = _build(plugins, config, train_set.modalities, len(train_set.classes))
-    device = next(model.parameters()).device
+    run_state, batch = meta_step(config, plugins)
+    model, device = run_state.model, run_state.device
     checkpoint_activations(model, run.activation_checkpointing, run.activation_checkpointing_every)
     params = list(model.parameters())
     param_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -124,13 +143,9 @@ def plan(config: PlaitConfig, plugins: Plugins, device_memory: int | None = None
     state = {"parameters": param_bytes * share, "gradients": trainable * share, "optimizer": 2 * trainable * share}
     compute = DTYPES["bfloat16"] if run.precision == "bf16" or scaling.fsdp.param_dtype == "bfloat16" else None
     gathered = _gathered_bytes(model, [unit for _, unit in units], compute) if sharded else 0
-    batch = next(iter(make_loader(train_set, run.batch_size, True, run.seed, 0)))
-    model.train()
     if compute is not None:  # activations in the compute dtype (autocast and FSDP's param_dtype)
         model.to(compute)
-    run_state = RunState(config=config, plugins=plugins, run_dir=Path(config.run.runs_dir), device=device,
-                         model=model, classes=list(train_set.classes), modalities=train_set.modalities)
-    activations = _activation_bytes(run_state, move(batch, device))
+    activations = _activation_bytes(run_state, batch)
     total = sum(state.values()) + gathered + activations
     limit = device_memory if device_memory is not None else this_machines_memory(scaling.use_gpu)
     return {
