@@ -10,6 +10,7 @@ checkpoint is one to trust as code.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from .distributed import barrier, sync_buffers
 from .errors import DataError, PlaitError
 
 __all__ = ["PREFIX", "SHARDS", "CheckpointError", "export", "latest", "list_checkpoints", "load", "model_weights",
-           "save", "save_sharded", "what_is_kept"]
+           "regroup", "save", "save_sharded", "what_is_kept"]
 
 
 class CheckpointError(PlaitError):
@@ -194,6 +195,7 @@ def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.opti
     states: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         states["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    groups = copy.deepcopy(states["optimizer"]["param_groups"]) if optimizer is not None else []
     try:
         dcp.load(states, checkpoint_id=str(shards))
     except (dcp.api.CheckpointException, OSError, RuntimeError, ValueError) as exc:
@@ -201,7 +203,15 @@ def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.opti
         raise DataError(f"{checkpoint}: the sharded checkpoint cannot be read ({first[:200]})") from None
     set_model_state_dict(model, states["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, states["optimizer"])
+        set_optimizer_state_dict(model, optimizer, regroup(states["optimizer"], groups))
+
+
+def regroup(saved: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """An optimizer state dict (keyed by parameter name) with its parameter groups laid out as ``groups``
+    (this run's, from ``get_optimizer_state_dict``): plait's groups differ only in which parameters they hold
+    (split or whole ones, see ``loop``), and a run resumed on another mesh groups them otherwise."""
+    settings = {k: v for k, v in saved["param_groups"][0].items() if k != "params"}
+    return {**saved, "param_groups": [{**settings, "params": group["params"]} for group in groups]}
 
 
 def export(checkpoint: Path, model: torch.nn.Module) -> Path:

@@ -103,8 +103,16 @@ class ScalingSettings(Options):
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="how the data-parallel replicas keep their "
+                                             "weights in step: ddp (all of them, gradients all-reduced) or fsdp")
     fsdp: FsdpSettings = FsdpSettings()
+    data_parallel: Literal["auto"] | int = Field(
+        "auto", description="replicas that each see their own batches; auto: the workers left over by "
+        "tensor_parallel (num_workers / tensor_parallel)")
+    tensor_parallel: int = Field(1, ge=1, description="workers that split each matrix of a module with a "
+                                 "tensor-parallel plan (Megatron-style columns and rows), all seeing the same batches")
+    expert_parallel: int = Field(1, ge=1, description="data-parallel workers that split each MoE layer's experts "
+                                 "between them, sending tokens to their experts with an all-to-all")
     find_unused_parameters: Literal["auto"] | bool = Field(
         "auto", description="DDP's search for parameters a step left without a gradient; auto: only where a "
         "module of the model says it can leave some unused")

@@ -26,23 +26,44 @@ def _same_loader(loader: DataLoader[Any], add_dist_sampler: bool) -> DataLoader[
     return loader
 
 
+def _nothing(model: torch.nn.Module) -> None:
+    return None
+
+
 @dataclass
 class Distributed:
     """How a distributed runner plugs into ``fit``; the defaults are one process.
 
-    ``prepare_loader(loader, add_dist_sampler)`` may swap the sampler for a distributed one
-    (training); evaluation loaders come already sharded and ask for no sampler.
-    Collectives go through ``torch.distributed`` when a process group is initialised.
+    ``parallelize(model)`` splits the plain model's modules (tensor and expert parallelism) before
+    activation checkpointing and compilation; ``prepare_model(model)`` then wraps it for data
+    parallelism (DDP, FSDP). ``prepare_loader(loader, add_dist_sampler)`` may swap the sampler for a
+    distributed one over the data replicas (training); evaluation loaders come already sharded and
+    ask for no sampler. ``reduce_gradients(model)`` finishes what the wrapper does not reduce (the
+    experts' gradients under expert parallelism) before clipping. Collectives go through
+    ``torch.distributed`` when a process group is initialised.
+
+    The workers of one tensor-parallel group see the same batches: ``data_rank`` and
+    ``data_world_size`` are which data replica a worker is and how many there are (its rank and
+    the world size without tensor parallelism).
     """
 
     rank: int = 0
     world_size: int = 1
+    parallelize: Callable[[torch.nn.Module], torch.nn.Module] = _identity
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = _identity
     prepare_loader: Callable[[DataLoader[Any], bool], DataLoader[Any]] = _same_loader
+    reduce_gradients: Callable[[torch.nn.Module], None] = _nothing
     device: torch.device | None = None
-    #: Every forward is a collective (FSDP gathers each unit's weights): evaluation then runs
-    #: the same number of batches on every worker, repeating its last batch where it has fewer.
+    #: Every forward is a collective (FSDP gathers each unit's weights, tensor parallelism all-reduces
+    #: activations): evaluation then runs the same number of batches on every worker, repeating its
+    #: last batch where it has fewer.
     lockstep: bool = False
+    data_rank: int | None = None
+    data_world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.data_rank = self.rank if self.data_rank is None else self.data_rank
+        self.data_world_size = self.world_size if self.data_world_size is None else self.data_world_size
 
 
 def _distributed() -> bool:

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -56,6 +56,7 @@ class _Training:
     evaluation: dict[str, DataLoader[dict[str, Any]]]
     buffers: list[torch.Tensor]  # what a forward may change (BatchNorm statistics and counts)
     sparse_params: list[torch.nn.Parameter]  # embeddings whose gradients arrive sparse
+    reduce_gradients: Any = None  # Distributed.reduce_gradients
 
 
 def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) -> RunState:
@@ -86,7 +87,8 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
 def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[RunState, _Training, int]:
     """The run state, its loaders and (resuming) how many batches of the epoch are done."""
     run = config.run
-    seed_everything(run.seed + dist.rank)
+    data_rank = cast(int, dist.data_rank)
+    seed_everything(run.seed + data_rank)  # one tensor-parallel group draws the same dropout and shuffles
     device = dist.device or pick_device(run.device)
     if run.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"{config.source}: run.precision: fp16 needs a GPU; use bf16 on the CPU")
@@ -100,6 +102,7 @@ def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[Ru
     newest = checkpoint.latest(run_dir / "checkpoints")
     if run.init_from and newest is None:
         init_from(Path(run.init_from), model, device)
+    model = dist.parallelize(model)
     recomputed = checkpoint_activations(model, run.activation_checkpointing, run.activation_checkpointing_every)
     if recomputed:
         log.info("activation checkpointing: %d blocks recomputed in the backward pass", len(recomputed))
@@ -108,7 +111,7 @@ def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[Ru
         log.info("run.compile: %d blocks compiled with torch.compile; the first step traces and builds them "
                  "(expect it to take a while)", len(compiled))
     model = dist.prepare_model(model)
-    seed_everything(run.seed + dist.rank)
+    seed_everything(run.seed + data_rank)
     training = _loaders(config, dist, model, train_set, splits)
     state = _run_state(config, plugins, dist, device, model, train_set, len(training.train))
     skip = 0
@@ -128,11 +131,13 @@ def _loaders(config: PlaitConfig, dist: Distributed, model: torch.nn.Module, tra
     run = config.run
     train = dist.prepare_loader(make_loader(train_set, run.batch_size, True, run.seed, run.loader_workers), True)
     loaders = {split: dist.prepare_loader(make_loader(ds, run.eval_batch_size, False, run.seed, run.loader_workers,
-                                                      ShardSampler(len(ds), dist.rank, dist.world_size)), False)
+                                                      ShardSampler(len(ds), cast(int, dist.data_rank),
+                                                                   cast(int, dist.data_world_size))), False)
                for split, ds in evaluation.items() if ds is not None}
     sparse = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse
               and isinstance(m.weight, torch.nn.Parameter)]
-    return _Training(train=train, evaluation=loaders, buffers=[], sparse_params=sparse)
+    return _Training(train=train, evaluation=loaders, buffers=[], sparse_params=sparse,
+                     reduce_gradients=dist.reduce_gradients)
 
 
 def _run_state(config: PlaitConfig, plugins: Plugins, dist: Distributed, device: torch.device,
@@ -141,7 +146,7 @@ def _run_state(config: PlaitConfig, plugins: Plugins, dist: Distributed, device:
     steps_per_epoch = math.ceil(batches_per_epoch / run.grad_accumulation)
     total_steps = int(min(run.max_steps or math.inf, run.epochs * steps_per_epoch))
     # fused: one kernel for all parameters (the per-tensor loop costs ~25 ms a step on CPU)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=run.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(_parameter_groups(model), lr=run.lr, weight_decay=run.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, run.warmup_steps, total_steps, run.schedule)
     )
@@ -151,9 +156,20 @@ def _run_state(config: PlaitConfig, plugins: Plugins, dist: Distributed, device:
         modalities=tuple(encoders) if encoders is not None else train_set.modalities,
         model=model, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch, rank=dist.rank,
-        world_size=dist.world_size, lockstep=dist.lockstep,
+        world_size=dist.world_size, lockstep=dist.lockstep, data_world_size=cast(int, dist.data_world_size),
         scaler=torch.amp.GradScaler("cuda") if run.precision == "fp16" else None,
     )
+
+
+def _parameter_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The split parameters (DTensors: tensor- or expert-parallel, or sharded by FSDP) and the whole ones in
+    groups of their own: a fused AdamW step takes one kind or the other, not both. The groups share every
+    setting, so a checkpoint's optimizer state loads into another grouping (``checkpoint.regroup``)."""
+    from torch.distributed.tensor import DTensor
+
+    split = [p for p in model.parameters() if isinstance(p, DTensor)]
+    whole = [p for p in model.parameters() if not isinstance(p, DTensor)]
+    return [{"params": params} for params in (split, whole) if params]
 
 
 def _train_epoch(state: RunState, training: _Training, skip: int) -> tuple[int, int]:
@@ -217,6 +233,7 @@ def _optimizer_step(state: RunState, training: _Training, micro: list[MicroBatch
     """Clip and step, or skip a non-finite step (see ``step.skip_nonfinite``); True if it stepped."""
     optimizer, scheduler = state.optimizer, state.scheduler
     assert optimizer is not None and scheduler is not None
+    training.reduce_gradients(state.model)
     densify_gradients(training.sparse_params)
     if state.scaler is not None:
         state.scaler.unscale_(optimizer)
@@ -237,7 +254,7 @@ def _optimizer_step(state: RunState, training: _Training, micro: list[MicroBatch
 
 def _finish(state: RunState, training: _Training, train_seconds: float, samples_seen: int) -> None:
     """Test metrics by modality, and the run's figures in ``state.metrics["run"]`` and metrics.json."""
-    seen = int(all_reduce_sum([samples_seen])[0])
+    seen = int(all_reduce_sum([samples_seen])[0]) // (state.world_size // state.data_world_size)
     results: dict[str, Any] = {"world_size": state.world_size, "steps": state.step,
                                "train_seconds": round(train_seconds, 2),
                                "samples_per_s": round(seen / max(train_seconds, 1e-9), 1)}

@@ -41,6 +41,9 @@ class RunState:
     rank: int = 0
     world_size: int = 1
     lockstep: bool = False  # see core.distributed.Distributed.lockstep
+    #: Data replicas (world_size / tensor_parallel): the workers of one tensor-parallel group see the same
+    #: batches, so sums of counts over all workers count each sample world_size / data_world_size times.
+    data_world_size: int = 1
     #: Which plugin returned each loss term (for messages).
     loss_owners: dict[str, str] = field(default_factory=dict)
     #: Optimizer steps skipped because a loss or gradient was not finite.

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -62,12 +62,42 @@ def autocast(state: RunState) -> contextlib.AbstractContextManager[Any]:
 
 def grad_norm(model: torch.nn.Module, clip: float | None) -> torch.Tensor:
     """The gradients' total norm, after clipping them to ``clip`` when given."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    meshes = {id(g.device_mesh) if hasattr(g, "device_mesh") else None for g in grads}
+    if len(meshes) > 1:  # split and whole weights together (tensor or expert parallelism without FSDP)
+        return _mixed_grad_norm(grads, clip)
     if clip:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     full: torch.Tensor = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
     return full
+
+
+def _mixed_grad_norm(grads: list[torch.Tensor], clip: float | None) -> torch.Tensor:
+    """The total norm of gradients some of which are DTensors split over a mesh (a tensor- or expert-parallel
+    weight's) and some whole on every worker (identical there): each split one's squares are summed over the
+    mesh dimensions it is split on, each whole one counts once. One all-reduce per group of dimensions."""
+    squares: dict[tuple[int, ...], torch.Tensor] = {}
+    groups: dict[tuple[int, ...], list[Any]] = {}
+    for grad in cast(list[Any], grads):
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        split = tuple(i for i, p in enumerate(getattr(grad, "placements", ())) if not p.is_replicate())
+        key = (id(grad.device_mesh), *split) if split else ()
+        squares[key] = squares.get(key, torch.zeros((), dtype=torch.float64)) + local.double().pow(2).sum()
+        if split:
+            groups[key] = [grad.device_mesh.get_group(i) for i in split]
+    total = torch.zeros((), dtype=torch.float64)
+    for key, value in squares.items():
+        for group in groups.get(key, []):
+            torch.distributed.all_reduce(value, group=group)
+        total = total + value
+    norm = total.sqrt().float()
+    if clip and float(norm) > clip:
+        scale = clip / (float(norm) + 1e-6)
+        for grad in grads:
+            (grad.to_local() if hasattr(grad, "to_local") else grad).mul_(scale)
+    return norm
 
 
 def skip_nonfinite(state: RunState, micro: list[MicroBatch], norm: torch.Tensor,
@@ -139,4 +169,4 @@ def train_row(state: RunState, micro: list[MicroBatch], window_samples: int, win
                                                                                 strict=True)}
     assert state.scheduler is not None
     return {"loss": loss_sum / state.world_size, **averaged, "lr": float(state.scheduler.get_last_lr()[0]),
-            "samples_per_s": samples / max(window_s, 1e-9)}
+            "samples_per_s": samples / (state.world_size // state.data_world_size) / max(window_s, 1e-9)}
