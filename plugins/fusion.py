@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from torch import nn
 
 from plait.core.config import Options
 from plait.core.hookspecs import hookimpl
+from plait.core.parallel import transformer_plan
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -57,6 +58,14 @@ class Fusion(nn.Module):
     def plait_blocks(self) -> list[nn.Module]:
         """The attention fusion's transformer layers: FSDP units and checkpointed blocks."""
         return list(self.mixer.layers) if isinstance(self.mixer, nn.TransformerEncoder) else []
+
+    def plait_tensor_parallel(self, tp: int) -> dict[str, Any]:
+        """The attention fusion's layers split by heads and feed-forward units (``transformer_plan``); the
+        projections, the concat fusion and the head stay whole."""
+        if not isinstance(self.mixer, nn.TransformerEncoder):
+            return {}
+        plan = transformer_plan(self.mixer, tp, "the fusion (plugins.fusion.heads)")
+        return {f"mixer.{name}": style for name, style in plan.items()}
 
     def _drop_modalities(self, present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hide modalities at random, but never all of a sample's."""

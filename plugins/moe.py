@@ -5,22 +5,29 @@ Routers: top-k softmax (k=1 Switch, k=2 GShard/Mixtral with renormalised gates),
 sees the whole sequence: encoders only), and auxiliary-loss-free balancing with a per-expert
 bias on the routing scores (DeepSeek-V3). Router math runs in fp32.
 
-Dispatch is vectorised: assignments are ranked within their expert by a cumulative sum, grouped
-by expert with a stable sort, run through each expert's two matmuls on exactly its rows (a loop
+Dispatch is vectorised: assignments are grouped by expert with one stable sort (which also ranks
+them within their expert), run through each expert's two matmuls on exactly its rows (a loop
 over experts, none over tokens, no padding to the capacity) and scattered back, weighted by
 their gates. With ``capacity_factor`` set, assignments past an
 expert's capacity are dropped (first choices before second ones); ``capacity_factor: null`` is
 dropless (capacity = the busiest expert's load).
 
+Expert parallelism (``scaling.expert_parallel``): each worker of the expert-parallel group holds
+``experts / ep`` of every layer's experts (DTensors split by expert, so a checkpoint holds all of
+them), routes its own tokens as above, and an all-to-all sends each kept assignment to the worker
+of its expert and brings the result back (Megatron's and torchtitan's token dispatch). Capacity and
+dropping are decided on each worker's tokens, as under data parallelism.
+
 Losses (``plait_loss_terms``): the Switch load-balancing loss ``alpha * N * sum_i f_i * P_i``
 (``f_i`` the fraction of assignments to expert i, ``P_i`` its mean router probability; alpha for
 perfectly uniform routing) and the ST-MoE router z-loss. Metrics at every log step: per-expert
-load, dropped fraction, router entropy, dead experts; ``expert_load.png`` in the run folder.
+load, dropped fraction, router entropy, dead experts, each over every worker's tokens (one all-reduce per
+step, which also keeps the DeepSeek-V3 biases equal); ``expert_load.png`` in the run folder.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +70,9 @@ class MoELayer(nn.Module):
     """A feed-forward block of ``experts`` two-layer MLPs and a router. ``forward(x)`` takes
     [..., dim] tokens; ``modality`` ([...] ids, optional) feeds a modality-aware router."""
 
+    #: the weights expert parallelism splits by expert (``plait plan`` counts 1/ep of them per worker)
+    plait_expert_parameters = ("w1", "b1", "w2", "b2")
+
     def __init__(self, dim: int, hidden: int, options: MoEOptions, activation: str = "gelu",
                  dropout: float = 0.0, modalities: int = 0) -> None:
         super().__init__()
@@ -82,7 +92,9 @@ class MoELayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.losses: dict[str, torch.Tensor] = {}  # of the last forward, for plait_loss_terms
         self.stats: dict[str, torch.Tensor] = {}  # of the last forward, detached
-        self.window: dict[str, torch.Tensor] = {}  # training forwards since the last metrics row, summed
+        self.window: dict[str, torch.Tensor] = {}  # optimizer steps since the last metrics row, summed
+        self.pending: dict[str, torch.Tensor] = {}  # this step's training forwards, summed (see settle_step)
+        self.expert_mesh: Any = None  # set by plait_expert_parallel
 
     def forward(self, x: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
@@ -120,26 +132,70 @@ class MoELayer(nn.Module):
         expert = choice.t().reshape(-1)
         token = torch.arange(tokens.shape[0], device=tokens.device).repeat(k)
         gate = gates.t().reshape(-1)
-        one_hot = F.one_hot(expert, experts)
-        position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # rank of each assignment within its expert
-        loads = one_hot.sum(0)
-        kept = position < self._capacity(expert.numel(), loads)
-        # group the kept assignments by expert (a stable sort) and run each expert on its rows only:
-        # no padding to the capacity, so top-1 costs what the dense block costs
-        kept_expert = expert[kept]
-        order = torch.argsort(kept_expert, stable=True)
-        rows, gate_rows = token[kept][order], gate[kept][order]
-        done = self._run_experts(tokens[rows], torch.bincount(kept_expert, minlength=experts).tolist())
+        # one stable sort groups the assignments by expert, first choices first within each: an assignment's
+        # rank within its expert is then its place in the sorted order less where its expert starts
+        order = torch.argsort(expert, stable=True)
+        loads = torch.bincount(expert, minlength=experts)
+        capacity = self._capacity(expert.numel(), loads)
+        rows, gate_rows = token[order], gate[order]
+        if capacity >= int(loads.max()):  # nothing to drop (always so when dropless)
+            kept, counts = torch.ones_like(expert, dtype=torch.bool), loads
+        else:
+            starts = loads.cumsum(0) - loads
+            kept = torch.arange(expert.numel(), device=expert.device) - starts[expert[order]] < capacity
+            rows, gate_rows, counts = rows[kept], gate_rows[kept], loads.clamp(max=capacity)
+        # each expert runs on exactly its rows: no padding to the capacity, so top-1 costs what the dense block does
+        done = self._run_experts(tokens[rows], counts.tolist())
         out = done.new_zeros(tokens.shape).index_add(0, rows, done * gate_rows.unsqueeze(-1).to(done.dtype))
         return out, loads, kept
 
     def _run_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """``rows`` grouped by expert, ``counts[e]`` of them for expert e, through their experts."""
-        return torch.cat([self._expert(e, part) for e, part in enumerate(rows.split(counts))])
+        """``rows`` grouped by expert, ``counts[e]`` of them for expert e, through their experts (on the
+        workers that hold them, under expert parallelism)."""
+        if self.expert_mesh is not None:
+            return self._dispatch(rows, counts)
+        return self._local_experts(rows, counts)
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.dropout(self.activation(torch.addmm(self.b1[e, 0], x, self.w1[e])))
-        return torch.addmm(self.b2[e, 0], hidden, self.w2[e])
+    def _local_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """``rows`` grouped by this worker's experts, through them."""
+        w1, b1, w2, b2 = (_local(p) for p in (self.w1, self.b1, self.w2, self.b2))
+        done = []
+        for e, part in enumerate(rows.split(counts)):
+            hidden = self.dropout(self.activation(torch.addmm(b1[e, 0], part, w1[e])))
+            done.append(torch.addmm(b2[e, 0], hidden, w2[e]))
+        return torch.cat(done)
+
+    def _dispatch(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Expert parallelism: each worker's rows go to the workers holding their experts with an all-to-all
+        (which carries autograd), through those experts, and back with a second one, in their order."""
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        mesh = self.expert_mesh
+        group, workers = mesh.get_group(), mesh.size()
+        mine = self.options.experts // workers
+        sent = torch.tensor(counts, dtype=torch.long).reshape(workers, mine)  # [to worker, its expert]
+        received = torch.empty_like(sent)  # [from worker, my expert]
+        torch.distributed.all_to_all_single(received.reshape(-1), sent.reshape(-1), group=group)
+        sent_sizes, received_sizes = sent.sum(1).tolist(), received.sum(1).tolist()
+        arrived = all_to_all_single_autograd(rows, received_sizes, sent_sizes, group)
+        # arrived: by sending worker, then by my expert; regroup by my expert, and undo it after
+        expert_of = torch.repeat_interleave(torch.arange(mine).repeat(workers), received.reshape(-1))
+        order = torch.argsort(expert_of.to(rows.device), stable=True)
+        done = self._local_experts(arrived[order], received.sum(0).tolist())
+        restored = torch.empty_like(done).index_copy(0, order, done)
+        return all_to_all_single_autograd(restored, sent_sizes, received_sizes, group)
+
+    def plait_expert_parallel(self, mesh: Any) -> None:
+        """Keep this worker's ``experts / mesh.size()`` experts: the expert weights become DTensors split by
+        expert over ``mesh``, so checkpoints hold every expert whatever the mesh."""
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        if self.options.experts % mesh.size():
+            raise ConfigError(f"scaling.expert_parallel: {mesh.size()} does not divide plugins.moe.experts: "
+                              f"{self.options.experts}")
+        for name in self.plait_expert_parameters:
+            setattr(self, name, nn.Parameter(distribute_tensor(getattr(self, name).data, mesh, [Shard(0)])))
+        self.expert_mesh = mesh
 
     def _expert_choice(self, tokens: torch.Tensor, probs: torch.Tensor):
         experts, count = self.options.experts, tokens.shape[0]
@@ -163,21 +219,42 @@ class MoELayer(nn.Module):
             self.losses["moe_aux"] = self.options.aux_loss_weight * experts * (load_fraction * mean_prob).sum()
         if self.options.z_loss_weight:
             self.losses["moe_z"] = self.options.z_loss_weight * torch.logsumexp(logits, dim=-1).pow(2).mean()
-        if self.options.balance == "bias" and self.training:
-            with torch.no_grad():  # DeepSeek-V3: raise the bias of under-loaded experts, lower the others'
-                self.balance_bias += self.options.bias_update_rate * torch.sign(loads.float().mean() - loads.float())
         with torch.no_grad():
-            self.stats = {
+            self.stats = {  # this forward's, on this worker
                 "load": load_fraction.detach(),
                 "dropped": 1.0 - kept.float().mean(),
                 "entropy": -(probs * probs.clamp(min=1e-9).log()).sum(-1).mean(),
-                "forwards": torch.ones(()),
             }
             if self.training:
-                self.window = {k: self.window.get(k, 0) + v for k, v in self.stats.items()}
+                counts = {"loads": loads.float(), "kept": kept.float().sum(), "assignments": kept.new_tensor(
+                    kept.numel(), dtype=torch.float), "entropy": self.stats["entropy"], "forwards": torch.ones(())}
+                self.pending = {k: self.pending.get(k, 0) + v.to(probs.device) for k, v in counts.items()}
+
+    def settled(self) -> torch.Tensor:
+        """This step's sums (loads per expert, kept and all assignments, entropy, forwards) as one vector,
+        zeros if it had no training forward; the pending sums start again."""
+        pending, self.pending = self.pending, {}
+        if not pending:
+            return torch.zeros(self.options.experts + 4, device=self.router.weight.device)
+        return torch.cat([pending["loads"], *(pending[k].reshape(1) for k in ("kept", "assignments", "entropy",
+                                                                              "forwards"))])
+
+    def settle(self, sums: torch.Tensor) -> None:
+        """One optimizer step's sums over every worker (``settled`` vectors, all-reduced): the DeepSeek-V3 bias
+        update, and the step's load, dropped fraction and entropy for the metrics window."""
+        experts = self.options.experts
+        loads, (kept, assignments, entropy, forwards) = sums[:experts], sums[experts:].tolist()
+        if not forwards:
+            return
+        with torch.no_grad():
+            if self.options.balance == "bias":  # raise the bias of under-loaded experts, lower the others'
+                self.balance_bias += self.options.bias_update_rate * torch.sign(loads.mean() - loads)
+        step = {"load": loads / loads.sum().clamp(min=1), "dropped": torch.tensor(1.0 - kept / max(1.0, assignments)),
+                "entropy": torch.tensor(entropy / forwards), "forwards": torch.ones(())}
+        self.window = {k: self.window.get(k, 0) + v for k, v in step.items()}
 
     def window_metrics(self) -> dict[str, float]:
-        """Averages over the training forwards since the last call (which starts a new window)."""
+        """Averages over the optimizer steps since the last call (which starts a new window)."""
         window, self.window = self.window, {}
         if not window:
             return {}
@@ -189,8 +266,26 @@ class MoELayer(nn.Module):
                 **{f"load{e}": fraction for e, fraction in enumerate(load)}}
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This worker's part of an expert weight (all of it without expert parallelism)."""
+    return cast(torch.Tensor, tensor.to_local()) if hasattr(tensor, "to_local") else tensor
+
+
 def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+def settle_step(layers: list[MoELayer]) -> None:
+    """Once per optimizer step, on every worker alike: every layer's loads of the step, summed over all the
+    workers in one all-reduce, move the DeepSeek-V3 biases and fill the metrics, so that every worker's
+    tokens count and the workers' biases stay equal."""
+    if not layers:
+        return
+    sums = torch.stack([layer.settled() for layer in layers])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(sums)
+    for layer, row in zip(layers, sums, strict=True):
+        layer.settle(row)
 
 
 class MoEEncoderLayer(nn.Module):
@@ -278,6 +373,9 @@ def plait_config_schema():
 @hookimpl
 def plait_configure_model(model, config):
     options = config.options(MoEOptions)
+    if options.experts % config.scaling.expert_parallel:
+        raise ConfigError(f"{config.source}: scaling.expert_parallel: {config.scaling.expert_parallel} does not divide "
+                          f"plugins.moe.experts: {options.experts}")
     encoders = getattr(model, "encoders", {})
     for target in options.targets:
         if target == "transformers":
@@ -308,6 +406,11 @@ def plait_loss_terms(state, batch, outputs):
         for name, value in layer.losses.items():
             terms[name] = terms[name] + value if name in terms else value
     return terms or None
+
+
+@hookimpl
+def plait_after_backward(state):
+    settle_step([layer for _, layer in moe_layers(state.model)])
 
 
 @hookimpl

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -69,6 +69,30 @@ class TextEncoder(nn.Module):
         """The transformer layers (``encoder.layer`` of BERT-like models): FSDP units and checkpointed blocks."""
         layers = getattr(getattr(self.model, "encoder", None), "layer", None)
         return list(layers) if isinstance(layers, nn.ModuleList) else []
+
+    def plait_tensor_parallel(self, tp: int) -> dict[str, Any]:
+        """Megatron's split of BERT-like layers: query, key, value and the first feed-forward linear by columns
+        (each worker computes its heads and its share of the hidden units), the attention output and the second
+        feed-forward linear by rows (partial sums, all-reduced); the word embeddings by vocabulary rows. An MoE
+        feed-forward block stays whole."""
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        heads = self.model.config.num_attention_heads
+        if heads % tp:
+            raise ConfigError(f"scaling.tensor_parallel: {tp} does not divide the text encoder's {heads} attention "
+                              "heads (plugins.text_encoder.heads)")
+        plan: dict[str, Any] = {}
+        if isinstance(getattr(getattr(self.model, "embeddings", None), "word_embeddings", None), nn.Embedding):
+            plan["model.embeddings.word_embeddings"] = RowwiseParallel(input_layouts=Replicate())
+        for i, layer in enumerate(self.plait_blocks()):
+            prefix = f"model.encoder.layer.{i}"
+            plan.update({f"{prefix}.attention.self.{name}": ColwiseParallel() for name in ("query", "key", "value")})
+            plan[f"{prefix}.attention.output.dense"] = RowwiseParallel()
+            if isinstance(getattr(layer.intermediate, "dense", None), nn.Linear):
+                plan[f"{prefix}.intermediate.dense"] = ColwiseParallel()
+                plan[f"{prefix}.output.dense"] = RowwiseParallel()
+        return plan
 
     def _add_num_token(self, options: TextEncoderOptions) -> int | None:
         if not options.numeric_channel:

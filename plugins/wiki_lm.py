@@ -20,7 +20,7 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from plait.core.config import Options
 from plait.core.errors import DataError
 from plait.core.hookspecs import hookimpl
+from plait.core.parallel import transformer_plan
 from plait.modalities.text import WordPieceTokenizer
 
 SPLIT_OF_ARTICLE = {0: "val", 1: "test"}  # article index % 20; the rest is train
@@ -143,6 +144,12 @@ class CausalLM(nn.Module):
     def plait_blocks(self) -> list[nn.Module]:
         """The transformer blocks: FSDP units and checkpointed blocks."""
         return list(self.blocks.layers)
+
+    def plait_tensor_parallel(self, tp: int) -> dict[str, Any]:
+        """The blocks split by heads and feed-forward units (``transformer_plan``); the embedding stays whole:
+        the output layer reuses it, and a vocabulary-split output would need a split cross-entropy too."""
+        plan = transformer_plan(self.blocks, tp, "the language model (plugins.wiki_lm.heads)")
+        return {f"blocks.{name}": style for name, style in plan.items()}
 
     def forward(self, batch: dict) -> dict:
         ids = batch["inputs"]["text"]["ids"]
