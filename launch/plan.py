@@ -9,7 +9,10 @@ can be planned. Per worker, for the configured strategy and ``scaling.num_worker
 - activations for one micro-batch: the peak of a forward, the plugins' loss and the backward of a real batch
   of the configured size, weights and their gradients aside, measured by PyTorch's ``MemTracker`` on meta
   tensors: what autograd saves, activation checkpointing's recomputation and the backward's temporaries;
-- the FSDP units, and whether the sum fits ``--device-memory``.
+- the FSDP units, and whether the sum fits ``--device-memory``;
+- with ``scaling.tensor_parallel``, which modules each plan splits and how, and which stay whole on every worker
+  (their parameters count whole; the split ones' 1/tp); with ``scaling.expert_parallel``, the experts' 1/ep.
+  Activations are counted as without tensor parallelism (an upper bound: the split layers' are smaller).
 
 Not counted: the runtime's own memory (libraries and allocator pools on the CPU, the CUDA context on a GPU),
 which ``benchmarks/memory.py`` measures beside the plan.
@@ -29,7 +32,7 @@ from plait.core.data import build_dataset, make_loader, move
 from plait.core.errors import ConfigError
 from plait.core.manager import Plugins
 from plait.core.model import build_model
-from plait.core.parallel import DTYPES, blocks, checkpoint_activations, fsdp_units
+from plait.core.parallel import DTYPES, blocks, checkpoint_activations, fsdp_units, mesh_shape, tensor_parallel_plans
 from plait.core.state import RunState
 from plait.core.step import loss_terms
 
@@ -127,19 +130,50 @@ def _gathered_bytes(model: torch.nn.Module, units: list[torch.nn.Module], dtype:
     return 2 * (root + max(own, default=0))
 
 
+def _split(model: torch.nn.Module, tensor: int, expert: int) -> tuple[dict[int, float], dict[str, Any]]:
+    """Each parameter's share that one worker holds (by ``id``; absent: all of it) under tensor and expert
+    parallelism, and what the tensor-parallel plans split: {module: {submodule: style}} and the whole modules."""
+    share: dict[int, float] = {}
+    layout: dict[str, Any] = {}
+    if tensor > 1:
+        split: dict[str, dict[str, str]] = {}
+        for name, module, module_plan in tensor_parallel_plans(model, tensor):
+            split[name or "model"] = {part: type(style).__name__ for part, style in module_plan.items()}
+            for part in module_plan:
+                share.update({id(p): 1 / tensor for p in module.get_submodule(part).parameters()})
+        encoders = getattr(model, "encoders", None)
+        parts = [(f"encoders.{m}", e) for m, e in (encoders.items() if isinstance(encoders, torch.nn.ModuleDict)
+                                                   else [])]
+        parts += [(name, child) for name, child in model.named_children() if name != "encoders"]
+        whole = [name for name, part in parts
+                 if not any(id(p) in share for p in part.parameters()) and any(True for _ in part.parameters())]
+        layout["tensor_parallel"] = {"size": tensor, "split": split, "whole": whole}
+    if expert > 1:
+        for module in model.modules():
+            share.update({id(getattr(module, name)): 1 / expert
+                          for name in getattr(module, "plait_expert_parameters", ())})
+    return share, layout
+
+
 def plan(config: PlaitConfig, plugins: Plugins, device_memory: int | None = None) -> dict[str, Any]:
     """The per-worker memory plan of ``config``'s model (see the module docstring)."""
     scaling, run = config.scaling, config.run
     workers = max(1, scaling.num_workers)
+    mesh = mesh_shape(scaling, config.source)
     run_state, batch = meta_step(config, plugins)
     model, device = run_state.model, run_state.device
+    split, layout = _split(model, mesh.tensor, mesh.expert)
     checkpoint_activations(model, run.activation_checkpointing, run.activation_checkpointing_every)
     params = list(model.parameters())
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
-    trainable = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    sharded = scaling.strategy == "fsdp" and workers > 1
+
+    def held(p: torch.nn.Parameter) -> float:
+        return p.numel() * p.element_size() * split.get(id(p), 1.0)
+
+    param_bytes = sum(held(p) for p in params)
+    trainable = sum(held(p) for p in params if p.requires_grad)
+    sharded = scaling.strategy == "fsdp" and mesh.data > 1
     units = fsdp_units(model, scaling.fsdp.units) if sharded else []  # the units the runner shards, in order
-    share = 1 / workers if sharded else 1.0
+    share = 1 / mesh.data if sharded else 1.0
     state = {"parameters": param_bytes * share, "gradients": trainable * share, "optimizer": 2 * trainable * share}
     compute = DTYPES["bfloat16"] if run.precision == "bf16" or scaling.fsdp.param_dtype == "bfloat16" else None
     gathered = _gathered_bytes(model, [unit for _, unit in units], compute) if sharded else 0
@@ -154,6 +188,8 @@ def plan(config: PlaitConfig, plugins: Plugins, device_memory: int | None = None
                              "activations": int(activations), "total": int(total)},
         "units": [name for name, _ in units], "blocks": len(blocks(model)), "built_on": device.type,
         "device_memory": limit, "fits": total <= limit,
+        "mesh": {"data_parallel": mesh.data, "tensor_parallel": mesh.tensor, "expert_parallel": mesh.expert},
+        **layout,
     }
 
 
@@ -167,5 +203,18 @@ def print_plan(source: str | Path, result: dict[str, Any]) -> None:
     if result["units"]:
         print(f"  FSDP units ({len(result['units'])}): {', '.join(result['units'][:8])}"
               + (" ..." if len(result["units"]) > 8 else ""))
+    tensor = result.get("tensor_parallel")
+    if tensor:
+        for module, parts in tensor["split"].items():
+            styles: dict[str, int] = {}
+            for style in parts.values():
+                styles[style] = styles.get(style, 0) + 1
+            print(f"  tensor parallel {tensor['size']}: {module}: {len(parts)} submodules split ("
+                  + ", ".join(f"{style} {count}" for style, count in sorted(styles.items())) + ")")
+        if tensor["whole"]:
+            print(f"  whole on every worker: {', '.join(tensor['whole'])}")
+    if result["mesh"]["expert_parallel"] > 1:
+        print(f"  expert parallel {result['mesh']['expert_parallel']}: each worker holds 1/"
+              f"{result['mesh']['expert_parallel']} of every MoE layer's experts")
     verdict = "fits" if result["fits"] else "does NOT fit"
     print(f"  {verdict} in {result['device_memory'] / 2**30:.1f} GiB")

@@ -30,7 +30,7 @@ from plait.core.errors import ConfigError, PlaitError, PluginError
 from plait.core.loop import fit
 from plait.core.manager import Plugins
 from plait.core.model import leaves_parameters_unused
-from plait.core.parallel import shard
+from plait.core.parallel import Mesh, MeshShape, build_mesh, expert_parallel, mesh_shape, shard, tensor_parallel
 from plait.core.runs import prepare
 from plait.launch.progress import ProgressForwarder, send_nowait, show_progress
 from plait.launch.storage import RemoteRuns, StorageSync, is_uri, staging_dir
@@ -55,20 +55,121 @@ def sparse_embedding_gradients(model: torch.nn.Module) -> list[str]:
     return switched
 
 
-def shard_model(model: torch.nn.Module, settings: FsdpSettings | None = None) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, settings: FsdpSettings | None = None, mesh: Any = None) -> torch.nn.Module:
     """FSDP2 (``plait.core.parallel.shard``): the declared blocks, each encoder and the fusion module
     are units of their own (``scaling.fsdp.units``), the head stays with the root. A worker holds
     1/world_size of the weights, gradients and optimizer state, and gathers one unit's weights at a
     time for its forward and backward.
 
     Ray Train's ``prepare_model`` runs its FSDP on GPUs only; this runs on CPUs too (gloo)."""
-    shard(model, settings or FsdpSettings())
+    shard(model, settings or FsdpSettings(), mesh)
     # Every worker must issue the same gathers and reduce-scatters in the same order:
     if hasattr(model, "idle_encoders"):
         cast(Any, model).idle_encoders = "run"  # an encoder runs even where a batch lacks its modality
     cast(Any, model).set_reduce_scatter_unused_params(True)  # a weight unused in one worker's step sends zeros
     model.register_forward_pre_hook(broadcast_buffers)
     return model
+
+
+def worker_distributed(config: PlaitConfig, rank: int, world_size: int,
+                       device: torch.device) -> tuple[Distributed, dict[str, torch.nn.Module]]:
+    """How ``fit`` runs on this worker of an initialised process group: the mesh ``scaling`` asks for, tensor
+    and expert parallelism on it, then DDP or FSDP2 over the data replicas, and their samplers. Also returns
+    where the model, once prepared, is kept (for an error that names its parameters)."""
+    strategy = config.scaling.strategy
+    shape = mesh_shape(config.scaling, config.source, config.run.checkpoint_format) if world_size > 1 else MeshShape()
+    mesh = build_mesh(shape, rank, device)
+    prepared: dict[str, torch.nn.Module] = {}
+
+    def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
+        prepared["model"] = model
+        if shape.data == 1:  # one process, or one tensor-parallel group: no replicas to keep in step
+            return model
+        if strategy == "fsdp":
+            return shard_model(model, config.scaling.fsdp, mesh.data)
+        unused = find_unused_parameters(model, config.scaling.find_unused_parameters)
+        sparse_embedding_gradients(model)
+        if shape.expert > 1:
+            keep_experts_out_of_ddp(model)
+        # what Ray Train's prepare_model(parallel_strategy="ddp") does, without needing its worker context
+        return torch.nn.parallel.DistributedDataParallel(
+            model.to(device), device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=unused, gradient_as_bucket_view=True)
+
+    dist = Distributed(
+        rank=rank, world_size=world_size, parallelize=lambda model: parallelize(model, mesh),
+        prepare_model=prepare_model,
+        prepare_loader=lambda loader, add_sampler: replica_loader(loader, add_sampler, mesh, config.run.seed),
+        reduce_gradients=lambda model: reduce_expert_gradients(model, mesh),
+        device=device, lockstep=world_size > 1 and (strategy == "fsdp" or shape.tensor > 1 or shape.expert > 1),
+        data_rank=mesh.data_rank, data_world_size=shape.data,
+    )
+    return dist, prepared
+
+
+def parallelize(model: torch.nn.Module, mesh: Mesh) -> torch.nn.Module:
+    """Tensor parallelism (each module's own plan) and expert parallelism (each MoE layer keeps its share of
+    the experts) on this worker's meshes; the names of what was split go to the log."""
+    if mesh.tensor is not None:
+        split = tensor_parallel(model, mesh.tensor)
+        logging.getLogger("plait").info("tensor parallelism over %d workers: %d submodules split",
+                                        mesh.shape.tensor, len(split))
+    if mesh.expert is not None:
+        layers = expert_parallel(model, mesh.expert)
+        logging.getLogger("plait").info("expert parallelism over %d workers: %d MoE layers split",
+                                        mesh.shape.expert, len(layers))
+    return model
+
+
+def split_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters that are DTensors before any data-parallel wrapper: split by tensor or expert parallelism."""
+    from torch.distributed.tensor import DTensor
+
+    return [(name, p) for name, p in model.named_parameters() if isinstance(p, DTensor)]
+
+
+def keep_experts_out_of_ddp(model: torch.nn.Module) -> None:
+    """DDP all-reduces the weights every worker holds; each worker's experts are its own, and
+    ``reduce_expert_gradients`` reduces theirs. Every encoder runs on every batch: an MoE layer in an encoder
+    takes part in each all-to-all even where the batch lacks that modality."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if hasattr(model, "idle_encoders"):
+        cast(Any, model).idle_encoders = "run"
+    names = [name for name, _ in split_parameters(model)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+
+def reduce_expert_gradients(model: torch.nn.Module, mesh: Mesh) -> None:
+    """An expert's gradient arrives (through the all-to-all's backward) summed over the tokens of every worker
+    of its expert-parallel group; it becomes DDP's average over all data replicas: summed over the workers
+    holding the same experts, divided by the replicas."""
+    if mesh.expert is None:
+        return
+    with torch.no_grad():
+        for _, param in split_parameters(getattr(model, "module", model)):
+            if param.grad is None:
+                continue
+            local = cast(Any, param.grad).to_local()
+            if mesh.expert_replicas is not None:
+                torch.distributed.all_reduce(local, group=mesh.expert_replicas.get_group())
+            local.div_(mesh.shape.data)
+
+
+def replica_loader(loader: Any, add_sampler: bool, mesh: Mesh, seed: int) -> Any:
+    """The training loader over the data replicas, as Ray Train's ``prepare_data_loader`` makes it over the
+    workers (a ``DistributedSampler``, shuffled by ``run.seed``): the workers of a tensor-parallel group read
+    the same batches."""
+    from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+
+    if not add_sampler or mesh.shape.data == 1:  # one replica reads the data as one process does
+        return loader
+    shuffle = not isinstance(loader.sampler, SequentialSampler)
+    sampler: DistributedSampler[int] = DistributedSampler(loader.dataset, num_replicas=mesh.shape.data,
+                                                          rank=mesh.data_rank, shuffle=shuffle, seed=seed)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, generator=loader.generator,
+                      persistent_workers=loader.num_workers > 0)
 
 
 def find_unused_parameters(model: torch.nn.Module, setting: str | bool) -> bool:
@@ -120,28 +221,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     if is_uri(config.run.runs_dir):  # train in a local folder filled from storage, rank 0 uploads
         remote = RemoteRuns(config.run.runs_dir, config.source)
         config.run.runs_dir = str(remote.stage(config.run.name, staging_dir(remote.uri, rank)).parent)
-    strategy = config.scaling.strategy
-
-    prepared: dict[str, torch.nn.Module] = {}
-
-    def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
-        prepared["model"] = model
-        if world_size == 1:
-            return model
-        if strategy == "fsdp":
-            return shard_model(model, config.scaling.fsdp)
-        kwargs = {"find_unused_parameters": find_unused_parameters(model, config.scaling.find_unused_parameters),
-                  "gradient_as_bucket_view": True}
-        sparse_embedding_gradients(model)
-        return ray_torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=kwargs)
-
-    dist = Distributed(
-        rank=rank, world_size=world_size, prepare_model=prepare_model,
-        prepare_loader=lambda loader, add_sampler: ray_torch.prepare_data_loader(
-            loader, add_dist_sampler=add_sampler, move_to_device=False),
-        device=ray_torch.get_device() if config.scaling.use_gpu else torch.device("cpu"),
-        lockstep=strategy == "fsdp" and world_size > 1,
-    )
+    device = ray_torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
+    dist, prepared = worker_distributed(config, rank, world_size, device)
     if loop_config.get("progress") is not None:
         send_nowait(loop_config["progress"], {"worker": {"rank": rank, **where_this_worker_logs()}})
     try:
@@ -235,6 +316,28 @@ def check_resources(config: PlaitConfig) -> None:
             )
 
 
+def check_mesh(config: PlaitConfig, raw: dict[str, Any]) -> None:
+    """Refuse, before any worker starts, a mesh the workers or the model cannot take: the sizes against
+    ``scaling.num_workers``, and (building the model on the meta device) tensor parallelism with no module
+    that has a plan, heads it does not divide, and experts that expert parallelism does not divide."""
+    if config.scaling.num_workers < 2:
+        return
+    shape = mesh_shape(config.scaling, config.source, config.run.checkpoint_format)
+    if shape.tensor == 1 and shape.expert == 1:
+        return
+    from plait.core.parallel import tensor_parallel_plans
+    from plait.core.runs import prepare as prepare_run
+    from plait.launch.plan import meta_step
+
+    checked, plugins = prepare_run(raw, config.source)
+    state, _ = meta_step(checked, plugins)  # builds the model: plugins check what they split as they build it
+    if shape.tensor > 1:
+        tensor_parallel_plans(state.model, shape.tensor)
+    if shape.expert > 1 and not any(callable(getattr(m, "plait_expert_parallel", None)) for m in state.model.modules()):
+        raise ConfigError(f"{config.source}: scaling.expert_parallel: {shape.expert}, but the model has no experts to "
+                          "split (add the moe plugin, or set scaling.expert_parallel: 1)")
+
+
 def check_storage(config: PlaitConfig) -> str:
     """The runs folder or storage URI, once it is known to be writable."""
     if is_uri(config.run.runs_dir):
@@ -304,6 +407,7 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
     if not verbose:  # Ray's own INFO and notice lines (local mode runs Ray Train in this process)
         logging.getLogger("ray").setLevel(logging.ERROR)
     runs = check_storage(config)
+    check_mesh(config, raw)
     queue = None
     if scaling.num_workers > 0:
         from ray.util.queue import Queue
