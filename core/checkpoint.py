@@ -167,7 +167,7 @@ def save_sharded(checkpoints_dir: Path, step: int, model: torch.nn.Module, optim
     barrier()
     sync_buffers(model)  # buffers are not sharded: every worker saves rank 0's, as the full format keeps them
     states = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(states, checkpoint_id=str(tmp / SHARDS))
+    dcp.save(_contiguous(states), checkpoint_id=str(tmp / SHARDS))
     if is_main:
         try:
             _finish_writing(checkpoints_dir, tmp, final, trainer_state)
@@ -196,14 +196,47 @@ def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.opti
     if optimizer is not None:
         states["optimizer"] = get_optimizer_state_dict(model, optimizer)
     groups = copy.deepcopy(states["optimizer"]["param_groups"]) if optimizer is not None else []
+    written = _contiguous(states)
     try:
-        dcp.load(states, checkpoint_id=str(shards))
+        dcp.load(written, checkpoint_id=str(shards))
     except (dcp.api.CheckpointException, OSError, RuntimeError, ValueError) as exc:
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise DataError(f"{checkpoint}: the sharded checkpoint cannot be read ({first[:200]})") from None
+    states = _as_before(written, states)
     set_model_state_dict(model, states["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, regroup(states["optimizer"], groups))
+
+
+def _strided(tensor: Any) -> bool:
+    return any(type(p).__name__ == "_StridedShard" for p in getattr(tensor, "placements", ()))
+
+
+def _contiguous(tree: Any) -> Any:
+    """``tree`` with each strided DTensor (tensor parallelism's packed q/k/v rows, ``HeadParallel``) as the plain
+    shard of the same dimension: DCP writes each worker's piece as one block at an offset, which a strided
+    piece is not. Collective: the rows move between the workers."""
+    from torch.distributed.tensor import Shard
+
+    if _strided(tree):
+        placements = [Shard(p.dim) if type(p).__name__ == "_StridedShard" else p for p in tree.placements]
+        return tree.redistribute(tree.device_mesh, placements)
+    if isinstance(tree, dict):
+        return {k: _contiguous(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_contiguous(v) for v in tree]
+    return tree
+
+
+def _as_before(loaded: Any, template: Any) -> Any:
+    """``loaded`` (read into ``_contiguous(template)``) laid out as ``template`` again."""
+    if _strided(template):
+        return loaded.redistribute(template.device_mesh, template.placements)
+    if isinstance(template, dict) and isinstance(loaded, dict):
+        return {k: _as_before(loaded[k], v) if k in loaded else v for k, v in template.items()}
+    if isinstance(template, list) and isinstance(loaded, list) and len(loaded) == len(template):
+        return [_as_before(a, b) for a, b in zip(loaded, template, strict=True)]
+    return loaded
 
 
 def regroup(saved: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:

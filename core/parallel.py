@@ -212,11 +212,10 @@ def mesh_shape(scaling: ScalingSettings, source: str = "<config>", checkpoint_fo
     if tp > 1 and dp > 1 and scaling.strategy == "ddp":
         raise ConfigError(f"{where}: tensor_parallel {tp} with data_parallel {dp} needs strategy: fsdp (FSDP2 over the "
                           "data-parallel dimension of the mesh, as torchtitan does); DDP cannot hold split weights")
-    if tp > 1 and checkpoint_format == "sharded":
-        raise ConfigError(f"{source}: run.checkpoint_format: sharded with scaling.tensor_parallel: {tp} is not "
-                          "supported yet (a packed attention projection is split in strided rows, which "
-                          "torch.distributed.checkpoint cannot write); the full format gathers the weights and loads "
-                          "on any mesh")
+    if tp > 1 and dp > 1 and checkpoint_format == "sharded":
+        raise ConfigError(f"{source}: run.checkpoint_format: sharded with FSDP x tensor_parallel is not supported "
+                          "yet (the packed attention rows, split both ways, do not come back from DCP's layout); "
+                          "the full format gathers the weights and loads on any mesh")
     return MeshShape(data=dp, tensor=tp, expert=ep)
 
 

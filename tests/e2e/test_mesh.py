@@ -166,3 +166,23 @@ def test_expert_parallel_dropless_routes_and_computes_as_one_process(tmp_path):
         whole_loads, split_loads = result["loads"]
         assert torch.equal(whole_loads, split_loads)  # the same experts for every token
         torch.testing.assert_close(result["grads"][1], result["grads"][0], rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_checkpoints_of_a_tensor_parallel_run_resume_bitwise_and_load_in_one_process(tmp_path):
+    from plait.core.runs import load_run
+
+    def sharded(path: Path) -> Path:
+        raw = yaml.safe_load(path.read_text())
+        raw["run"]["checkpoint_format"] = "sharded"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return path
+
+    whole = config(tmp_path, "whole", STILL, workers=2, tensor_parallel=2)
+    stopped = sharded(config(tmp_path, "sharded", {**STILL, "stop_at": {"step": 12}}, workers=2, tensor_parallel=2))
+    with pytest.raises(Exception, match="stopped at step 12"):
+        run_on(2, whole, stopped)
+    run_on(2, sharded(config(tmp_path, "sharded", STILL, workers=2, tensor_parallel=2)))
+    assert losses(whole, "sharded") == losses(whole, "whole")
+    # every worker wrote its own shards; one process reads them as the whole weights the full format gathered
+    model = load_run(tmp_path / "runs" / "sharded")[2].model
+    assert_same(final_weights(tmp_path, "whole"), {k: v.contiguous() for k, v in model.state_dict().items()})

@@ -28,10 +28,11 @@ def test_a_mesh_the_workers_cannot_take_is_one_line(scaling, expected):
     assert "\n" not in str(error.value) and str(error.value).startswith("run.yaml: scaling")
 
 
-def test_sharded_checkpoints_with_tensor_parallelism_are_refused_in_one_line():
-    scaling = ScalingSettings(num_workers=2, tensor_parallel=2)
-    with pytest.raises(ConfigError, match="run.checkpoint_format: sharded with scaling.tensor_parallel: 2"):
+def test_sharded_checkpoints_with_fsdp_and_tensor_parallelism_are_refused_in_one_line():
+    scaling = ScalingSettings(num_workers=4, tensor_parallel=2, strategy="fsdp")
+    with pytest.raises(ConfigError, match="run.checkpoint_format: sharded with FSDP x tensor_parallel"):
         mesh_shape(scaling, "run.yaml", "sharded")
+    mesh_shape(ScalingSettings(num_workers=2, tensor_parallel=2), "run.yaml", "sharded")  # one replica: supported
 
 
 def test_the_mesh_is_the_workers_divided():
