@@ -158,11 +158,14 @@ class MoELayer(nn.Module):
 
     def _local_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """``rows`` grouped by this worker's experts, through them."""
-        w1, b1, w2, b2 = (_local(p) for p in (self.w1, self.b1, self.w2, self.b2))
+        # unbind, not w1[e]: each indexing's backward would write a zero tensor the size of all experts
+        w1, w2 = _local(self.w1), _local(self.w2)
+        b1, b2 = _local(self.b1).squeeze(1), _local(self.b2).squeeze(1)
         done = []
-        for e, part in enumerate(rows.split(counts)):
-            hidden = self.dropout(self.activation(torch.addmm(b1[e, 0], part, w1[e])))
-            done.append(torch.addmm(b2[e, 0], hidden, w2[e]))
+        for part, w_in, b_in, w_out, b_out in zip(rows.split(counts), w1.unbind(0), b1.unbind(0), w2.unbind(0),
+                                                  b2.unbind(0), strict=True):
+            hidden = self.dropout(self.activation(torch.addmm(b_in, part, w_in)))
+            done.append(torch.addmm(b_out, hidden, w_out))
         return torch.cat(done)
 
     def _dispatch(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
