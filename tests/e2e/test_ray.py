@@ -102,6 +102,21 @@ def test_fsdp_shards_the_model_over_two_ray_workers(write_config):
     assert again["accuracy"] == results["test"]["fused"]["accuracy"] and again["samples"] == 64
 
 
+def test_tensor_and_expert_parallel_runs_over_two_ray_workers(write_config):
+    from plait.launch.evaluate import evaluate_run
+
+    path, _ = configure(write_config, name="tp", log_every=1)
+    config, results = run_ray(path, ["scaling.num_workers=2", "scaling.tensor_parallel=2"])
+    # one data replica: the pair reads each batch together, 192 samples / 32 = 6 steps, each sample once
+    assert results["world_size"] == 2 and results["steps"] == 6
+    assert results["test"]["fused"]["samples"] == 64
+    again = evaluate_run(Path(config.run.runs_dir) / config.run.name)  # whole weights, in one process
+    assert again["accuracy"] == pytest.approx(results["test"]["fused"]["accuracy"])
+    path, _ = configure(write_config, {"moe": {"experts": 4, "top_k": 2}}, name="ep", log_every=1)
+    config, results = run_ray(path, ["scaling.num_workers=2", "scaling.expert_parallel=2"])
+    assert results["world_size"] == 2 and results["steps"] == 3 and results["test"]["fused"]["samples"] == 64
+
+
 def test_a_failed_worker_is_restarted_by_ray_and_resumes_from_storage(write_config, tmp_path):
     # The runs folder is a storage URI: restarted workers fill their folders from it afresh.
     marker, remote = tmp_path / "failed-once", tmp_path / "bucket"
