@@ -50,6 +50,11 @@ class RunState:
     nonfinite_steps: int = 0
 
     @property
+    def data_rank(self) -> int:
+        """Which data replica this worker is: a tensor-parallel group's workers (neighbouring ranks) are one."""
+        return self.rank // (self.world_size // self.data_world_size)
+
+    @property
     def is_main(self) -> bool:
         """Only the main process writes files and prints."""
         return self.rank == 0

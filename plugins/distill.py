@@ -475,7 +475,7 @@ def plait_fit_end(state):
     dataset = build_dataset(state.plugins, state.config, "test")
     assert dataset is not None  # the run was tested
     loader = make_loader(dataset, state.config.run.eval_batch_size, False, state.config.run.seed, 0,
-                         ShardSampler(len(dataset), state.rank, state.world_size))
+                         ShardSampler(len(dataset), state.data_rank, state.data_world_size))
     teacher_acc = float("nan")
     if getattr(teacher, "classes", None) is not None:
         # every worker evaluates its shard of the test split: the sums are collective

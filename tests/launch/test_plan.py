@@ -72,3 +72,22 @@ def test_the_large_example_is_bert_base_sized_and_sharded_per_block():
 
 def _plan_of(source, *overrides):
     return plan(*load(str(source), ["plugins.wiki_lm.max_articles=40", *overrides]))
+
+
+def test_a_tensor_parallel_plan_says_what_is_split_and_holds_less(tmp_path, capsys):
+    whole = _plan(tmp_path, "dp", "scaling.num_workers=2")
+    split = _plan(tmp_path, "tp", "scaling.num_workers=2", "scaling.tensor_parallel=2")
+    layout = split["tensor_parallel"]
+    assert layout["size"] == 2 and split["mesh"] == {"data_parallel": 1, "tensor_parallel": 2, "expert_parallel": 1}
+    assert set(layout["split"]) == {"encoders.text", "fusion"}
+    assert layout["split"]["fusion"]["mixer.layers.0.self_attn"] == "HeadParallel"
+    assert layout["split"]["encoders.text"]["model.encoder.layer.0.attention.self.query"] == "ColwiseParallel"
+    assert {"encoders.image", "encoders.audio", "head"} <= set(layout["whole"])
+    held, all_of_it = split["per_worker_bytes"]["parameters"], whole["per_worker_bytes"]["parameters"]
+    assert held < all_of_it  # the text encoder (its vocabulary too) and the fusion layers are halved
+    from plait.launch.plan import print_plan
+
+    print_plan("tiny.yaml", split)
+    out = capsys.readouterr().out
+    assert "tensor parallel 2: fusion:" in out and "HeadParallel" in out
+    assert "whole on every worker: " in out and "encoders.image" in out
