@@ -1,6 +1,6 @@
 """Data, tensor and expert parallelism side by side on 2 Ray workers, in one run.
 
-    .venv/bin/python benchmarks/parallel.py [--steps 60]
+    .venv/bin/python benchmarks/parallel.py [--steps 120]
 
 The model is ``wiki_lm``'s byte-level causal language model (dim 256, 2 blocks, 8 heads, ffn 1024,
 sequence 64, batch 16 per data replica). Four runs train it through plait's Ray runner, one after the other
@@ -12,8 +12,9 @@ in one Ray session:
 - ``dp_moe``: the same model with 4 experts per block (top-1, capacity factor 1.25), under DDP;
 - ``ep``: that MoE model with expert_parallel 2, each worker holding 2 of each layer's 4 experts.
 
-Per run: samples/s (every data replica's samples, over the training time, ``metrics.json``) and each
-worker's parameter bytes, counted from its tensors (``parallel_probe.py``). TP's speed is per data replica,
+Per run: samples/s in steady state (every data replica's samples; the median of the 10-step windows that
+``metrics.jsonl`` logs, the first one, with the process group's and the allocator's warm-up, left out) and
+each worker's parameter bytes, counted from its tensors (``parallel_probe.py``). TP's speed is per data replica,
 so it is compared with DDP's at the same global batch: DDP's two workers read 2 x 16 samples a step, TP's
 group 16; ``tp_vs_dp_speed`` is TP's samples/s over DDP's.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -53,7 +55,7 @@ def raw_config(name: str, steps: int, runs_dir: str) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=120)
     args = parser.parse_args()
     # the Ray workers, which the local Ray session started here starts, import the probe plugin
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))
@@ -71,7 +73,9 @@ def main() -> None:
             results = ray_runner.train(config, raw)
             probes = [json.loads((Path(runs_dir) / name / f"parallel-probe-{rank}.json").read_text())
                       for rank in range(2)]
-            figures[name] = {"samples_per_s": results["samples_per_s"],
+            rows = [json.loads(line) for line in (Path(runs_dir) / name / "metrics.jsonl").read_text().splitlines()]
+            windows = [r["samples_per_s"] for r in rows if r["split"] == "train"][1:]
+            figures[name] = {"samples_per_s": round(statistics.median(windows), 1),
                              "parameter_mib_per_worker": round(max(p["parameters"] for p in probes) / 2**20, 3),
                              "expert_mib_per_worker": round(max(p["experts"] for p in probes) / 2**20, 3),
                              "val_loss": round(results["val"]["loss"], 4)}
