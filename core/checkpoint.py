@@ -10,7 +10,6 @@ checkpoint is one to trust as code.
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .distributed import barrier, sync_buffers
+from .distributed import barrier, sync_buffers, unwrap
 from .errors import DataError, PlaitError
 
 __all__ = ["PREFIX", "SHARDS", "CheckpointError", "export", "latest", "list_checkpoints", "load", "model_weights",
@@ -195,7 +194,6 @@ def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.opti
     states: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         states["optimizer"] = get_optimizer_state_dict(model, optimizer)
-    groups = copy.deepcopy(states["optimizer"]["param_groups"]) if optimizer is not None else []
     written = _contiguous(states)
     try:
         dcp.load(written, checkpoint_id=str(shards))
@@ -205,7 +203,7 @@ def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.opti
     states = _as_before(written, states)
     set_model_state_dict(model, states["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, regroup(states["optimizer"], groups))
+        set_optimizer_state_dict(model, optimizer, regroup(states["optimizer"], model, optimizer))
 
 
 def _strided(tensor: Any) -> bool:
@@ -239,12 +237,14 @@ def _as_before(loaded: Any, template: Any) -> Any:
     return loaded
 
 
-def regroup(saved: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
-    """An optimizer state dict (keyed by parameter name) with its parameter groups laid out as ``groups``
-    (this run's, from ``get_optimizer_state_dict``): plait's groups differ only in which parameters they hold
-    (split or whole ones, see ``loop``), and a run resumed on another mesh groups them otherwise."""
+def regroup(saved: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer state dict (keyed by parameter name) with its parameter groups laid out as ``optimizer``'s:
+    plait's groups differ only in which parameters they hold (split or whole ones, see ``loop``), and a run
+    resumed on another mesh groups them otherwise."""
+    names = {id(p): name for name, p in unwrap(model).named_parameters()}
     settings = {k: v for k, v in saved["param_groups"][0].items() if k != "params"}
-    return {**saved, "param_groups": [{**settings, "params": group["params"]} for group in groups]}
+    return {**saved, "param_groups": [{**settings, "params": [names[id(p)] for p in group["params"]]}
+                                      for group in optimizer.param_groups]}
 
 
 def export(checkpoint: Path, model: torch.nn.Module) -> Path:

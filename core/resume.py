@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,21 +63,15 @@ def save_checkpoint(state: RunState, batches_done: int) -> None:
 
 def restore(state: RunState, saved: dict[str, Any]) -> int:
     """Load the trainer state; return how many batches of ``state.epoch`` are already done."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     assert state.optimizer is not None and state.scheduler is not None
     # strict=False: a parameter that never had a gradient (an unused modality's temperature) has
     # no optimizer state in the checkpoint, exactly as in the run that wrote it
     if saved["optimizer"] is not None:  # None: a sharded checkpoint, whose load restored it
-        options = StateDictOptions(full_state_dict=True, strict=False)
-        current = get_optimizer_state_dict(state.model, state.optimizer, options=options)
-        groups = cast(list[dict[str, Any]], current["param_groups"])
-        set_optimizer_state_dict(state.model, state.optimizer, checkpoint.regroup(saved["optimizer"], groups),
-                                 options=options)
+        set_optimizer_state_dict(state.model, state.optimizer,
+                                 checkpoint.regroup(saved["optimizer"], state.model, state.optimizer),
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
     state.scheduler.load_state_dict(saved["scheduler"])
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])
