@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-__all__ = ["Distributed", "all_gather", "all_reduce_max", "all_reduce_sum", "barrier", "peak_memory_mb",
+__all__ = ["DataReplicas", "Distributed", "all_gather", "all_reduce_max", "all_reduce_sum", "barrier", "peak_memory_mb",
            "pick_device", "seed_everything", "sync_buffers", "unwrap"]
 
 
@@ -30,8 +30,25 @@ def _nothing(model: torch.nn.Module) -> None:
     return None
 
 
+class DataReplicas:
+    """Which data replica a worker is, for a class with ``rank``, ``world_size`` and ``tensor_parallel``: the
+    workers of one tensor-parallel group (neighbouring ranks) see the same batches and count as one."""
+
+    rank: int
+    world_size: int
+    tensor_parallel: int
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank // self.tensor_parallel
+
+    @property
+    def data_world_size(self) -> int:
+        return self.world_size // self.tensor_parallel
+
+
 @dataclass
-class Distributed:
+class Distributed(DataReplicas):
     """How a distributed runner plugs into ``fit``; the defaults are one process.
 
     ``parallelize(model)`` splits the plain model's modules (tensor and expert parallelism) before
@@ -42,9 +59,8 @@ class Distributed:
     experts' gradients under expert parallelism) before clipping. Collectives go through
     ``torch.distributed`` when a process group is initialised.
 
-    The workers of one tensor-parallel group see the same batches: ``data_rank`` and
-    ``data_world_size`` are which data replica a worker is and how many there are (its rank and
-    the world size without tensor parallelism).
+    The workers of one tensor-parallel group (``tensor_parallel`` of them) see the same batches:
+    ``data_rank`` and ``data_world_size`` are which data replica a worker is and how many there are.
     """
 
     rank: int = 0
@@ -58,12 +74,7 @@ class Distributed:
     #: activations): evaluation then runs the same number of batches on every worker, repeating its
     #: last batch where it has fewer.
     lockstep: bool = False
-    data_rank: int | None = None
-    data_world_size: int | None = None
-
-    def __post_init__(self) -> None:
-        self.data_rank = self.rank if self.data_rank is None else self.data_rank
-        self.data_world_size = self.world_size if self.data_world_size is None else self.data_world_size
+    tensor_parallel: int = 1
 
 
 def _distributed() -> bool:

@@ -56,8 +56,7 @@ def evaluate(state: RunState, loader: DataLoader[Any], keep: set[str] | None = N
         state.plugins.call_each(hookspecs.plait_eval_batch, batch=batch, outputs=outputs, **hook_args)
     model.train(was_training)
     # a tensor-parallel group's workers score the same batches: each sample counts once per replica
-    copies = state.world_size // state.data_world_size
-    correct, total, loss_sum = (value / copies for value in all_reduce_sum([correct, total, loss_sum]))
+    correct, total, loss_sum = (value / state.tensor_parallel for value in all_reduce_sum([correct, total, loss_sum]))
     scored_total = round(total)
     # samples: what was scored (positions, for a sequence task)
     metrics: dict[str, float] = {"accuracy": correct / max(1, scored_total), "loss": loss_sum / max(1, scored_total),

@@ -13,9 +13,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -56,7 +57,7 @@ class _Training:
     evaluation: dict[str, DataLoader[dict[str, Any]]]
     buffers: list[torch.Tensor]  # what a forward may change (BatchNorm statistics and counts)
     sparse_params: list[torch.nn.Parameter]  # embeddings whose gradients arrive sparse
-    reduce_gradients: Any = None  # Distributed.reduce_gradients
+    reduce_gradients: Callable[[torch.nn.Module], None]  # Distributed.reduce_gradients
 
 
 def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) -> RunState:
@@ -87,8 +88,7 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
 def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[RunState, _Training, int]:
     """The run state, its loaders and (resuming) how many batches of the epoch are done."""
     run = config.run
-    data_rank = cast(int, dist.data_rank)
-    seed_everything(run.seed + data_rank)  # one tensor-parallel group draws the same dropout and shuffles
+    seed_everything(run.seed + dist.data_rank)  # one tensor-parallel group draws the same dropout and shuffles
     device = dist.device or pick_device(run.device)
     if run.precision == "fp16" and device.type != "cuda":
         raise ConfigError(f"{config.source}: run.precision: fp16 needs a GPU; use bf16 on the CPU")
@@ -111,7 +111,7 @@ def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[Ru
         log.info("run.compile: %d blocks compiled with torch.compile; the first step traces and builds them "
                  "(expect it to take a while)", len(compiled))
     model = dist.prepare_model(model)
-    seed_everything(run.seed + data_rank)
+    seed_everything(run.seed + dist.data_rank)
     training = _loaders(config, dist, model, train_set, splits)
     state = _run_state(config, plugins, dist, device, model, train_set, len(training.train))
     skip = 0
@@ -131,8 +131,8 @@ def _loaders(config: PlaitConfig, dist: Distributed, model: torch.nn.Module, tra
     run = config.run
     train = dist.prepare_loader(make_loader(train_set, run.batch_size, True, run.seed, run.loader_workers), True)
     loaders = {split: dist.prepare_loader(make_loader(ds, run.eval_batch_size, False, run.seed, run.loader_workers,
-                                                      ShardSampler(len(ds), cast(int, dist.data_rank),
-                                                                   cast(int, dist.data_world_size))), False)
+                                                      ShardSampler(len(ds), dist.data_rank, dist.data_world_size)),
+                                     False)
                for split, ds in evaluation.items() if ds is not None}
     sparse = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse
               and isinstance(m.weight, torch.nn.Parameter)]
@@ -156,7 +156,7 @@ def _run_state(config: PlaitConfig, plugins: Plugins, dist: Distributed, device:
         modalities=tuple(encoders) if encoders is not None else train_set.modalities,
         model=model, optimizer=optimizer, scheduler=scheduler, total_steps=total_steps,
         steps_per_epoch=steps_per_epoch, batches_per_epoch=batches_per_epoch, rank=dist.rank,
-        world_size=dist.world_size, lockstep=dist.lockstep, data_world_size=cast(int, dist.data_world_size),
+        world_size=dist.world_size, lockstep=dist.lockstep, tensor_parallel=dist.tensor_parallel,
         scaler=torch.amp.GradScaler("cuda") if run.precision == "fp16" else None,
     )
 
@@ -254,7 +254,7 @@ def _optimizer_step(state: RunState, training: _Training, micro: list[MicroBatch
 
 def _finish(state: RunState, training: _Training, train_seconds: float, samples_seen: int) -> None:
     """Test metrics by modality, and the run's figures in ``state.metrics["run"]`` and metrics.json."""
-    seen = int(all_reduce_sum([samples_seen])[0]) // (state.world_size // state.data_world_size)
+    seen = int(all_reduce_sum([samples_seen])[0]) // state.tensor_parallel  # a TP group's samples count once
     results: dict[str, Any] = {"world_size": state.world_size, "steps": state.step,
                                "train_seconds": round(train_seconds, 2),
                                "samples_per_s": round(seen / max(train_seconds, 1e-9), 1)}

@@ -31,8 +31,8 @@ from .config import FsdpSettings, ScalingSettings
 from .errors import ConfigError, PluginError
 
 __all__ = ["COMPILING", "DTYPES", "HeadParallel", "Mesh", "MeshShape", "blocks", "build_mesh", "checkpoint_activations",
-           "compile_blocks", "compiled_after", "expert_parallel", "fsdp_units", "mesh_shape", "shard",
-           "tensor_parallel", "tensor_parallel_plans", "transformer_plan"]
+           "compile_blocks", "compiled_after", "expert_modules", "expert_parallel", "fsdp_units", "local_tensor",
+           "mesh_shape", "shard", "tensor_parallel", "tensor_parallel_plans", "transformer_plan"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -226,23 +226,17 @@ class Mesh:
     and ``expert_replicas`` (those holding the same experts) when expert_parallel > 1."""
 
     shape: MeshShape
-    rank: int
     tensor: Any = None
     data: Any = None
     expert: Any = None
     expert_replicas: Any = None
 
-    @property
-    def data_rank(self) -> int:
-        """Which data replica this worker is (workers of one tensor-parallel group see the same batches)."""
-        return self.rank // self.shape.tensor
 
-
-def build_mesh(shape: MeshShape, rank: int, device: torch.device) -> Mesh:
+def build_mesh(shape: MeshShape, device: torch.device) -> Mesh:
     """The meshes of ``shape`` over the default process group (collective: every worker calls it)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = Mesh(shape=shape, rank=rank)
+    mesh = Mesh(shape=shape)
     if shape.tensor > 1:
         grid = init_device_mesh(device.type, (shape.data, shape.tensor), mesh_dim_names=("dp", "tp"))
         mesh.tensor, mesh.data = grid["tp"], grid["dp"]
@@ -283,18 +277,22 @@ def tensor_parallel(model: nn.Module, mesh: Any) -> list[str]:
     return split
 
 
+def expert_modules(model: nn.Module, ep: int) -> list[tuple[str, nn.Module]]:
+    """The modules with experts to split ``ep`` ways (a ``plait_expert_parallel(mesh)`` method), as (name, module);
+    an error when there is none: the run would split nothing."""
+    found = [(name, m) for name, m in model.named_modules() if callable(getattr(m, "plait_expert_parallel", None))]
+    if not found:
+        raise ConfigError(f"scaling.expert_parallel: {ep}, but the model has no experts to split (add the moe "
+                          "plugin, or set scaling.expert_parallel: 1)")
+    return found
+
+
 def expert_parallel(model: nn.Module, mesh: Any) -> list[str]:
     """Every module with experts keeps its share of them on the expert-parallel ``mesh``; returns their names."""
-    split = []
-    for name, module in model.named_modules():
-        keep_share = getattr(module, "plait_expert_parallel", None)
-        if callable(keep_share):
-            keep_share(mesh)
-            split.append(name)
-    if not split:
-        raise ConfigError(f"scaling.expert_parallel: {mesh.size()}, but the model has no experts to split (add the moe "
-                          "plugin, or set scaling.expert_parallel: 1)")
-    return split
+    found = expert_modules(model, mesh.size())
+    for _, module in found:
+        cast(Any, module).plait_expert_parallel(mesh)
+    return [name for name, _ in found]
 
 
 class HeadParallel(ParallelStyle):
@@ -330,8 +328,13 @@ class HeadParallel(ParallelStyle):
         return attention
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This worker's part of ``tensor``: a DTensor's local piece (differentiable), any other tensor itself."""
+    return cast(torch.Tensor, tensor.to_local()) if hasattr(tensor, "to_local") else tensor
+
+
 def _local(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return tensor.to_local() if tensor is not None and hasattr(tensor, "to_local") else tensor
+    return local_tensor(tensor) if tensor is not None else None
 
 
 def _head_parallel_attention(self: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

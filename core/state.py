@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .distributed import DataReplicas
+
 if TYPE_CHECKING:
     from .config import PlaitConfig
     from .manager import Plugins
@@ -17,7 +19,7 @@ __all__ = ["CompressJob", "RunState"]
 
 
 @dataclass(kw_only=True)
-class RunState:
+class RunState(DataReplicas):
     """One run as the hooks see it. ``optimizer`` and ``scheduler`` exist while ``fit`` trains;
     a run folder loaded for evaluation or compression has neither."""
 
@@ -41,18 +43,13 @@ class RunState:
     rank: int = 0
     world_size: int = 1
     lockstep: bool = False  # see core.distributed.Distributed.lockstep
-    #: Data replicas (world_size / tensor_parallel): the workers of one tensor-parallel group see the same
-    #: batches, so sums of counts over all workers count each sample world_size / data_world_size times.
-    data_world_size: int = 1
+    #: Workers per tensor-parallel group: they see the same batches, so sums of counts over all workers
+    #: count each sample this many times (``DataReplicas``).
+    tensor_parallel: int = 1
     #: Which plugin returned each loss term (for messages).
     loss_owners: dict[str, str] = field(default_factory=dict)
     #: Optimizer steps skipped because a loss or gradient was not finite.
     nonfinite_steps: int = 0
-
-    @property
-    def data_rank(self) -> int:
-        """Which data replica this worker is: a tensor-parallel group's workers (neighbouring ranks) are one."""
-        return self.rank // (self.world_size // self.data_world_size)
 
     @property
     def is_main(self) -> bool:

@@ -14,6 +14,7 @@ import torch
 from . import checkpoint, hookspecs
 from .distributed import all_gather, all_reduce_max, all_reduce_sum
 from .errors import PlaitError, PluginError
+from .parallel import local_tensor
 from .state import RunState
 
 __all__ = ["MicroBatch", "NonFiniteLoss", "autocast", "densify_gradients", "grad_norm", "loss_terms", "lr_factor",
@@ -63,7 +64,7 @@ def autocast(state: RunState) -> contextlib.AbstractContextManager[Any]:
 def grad_norm(model: torch.nn.Module, clip: float | None) -> torch.Tensor:
     """The gradients' total norm, after clipping them to ``clip`` when given."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    meshes = {id(g.device_mesh) if hasattr(g, "device_mesh") else None for g in grads}
+    meshes = {getattr(g, "device_mesh", None) for g in grads}
     if len(meshes) > 1:  # split and whole weights together (tensor or expert parallelism without FSDP)
         return _mixed_grad_norm(grads, clip)
     if clip:
@@ -78,12 +79,12 @@ def _mixed_grad_norm(grads: list[torch.Tensor], clip: float | None) -> torch.Ten
     """The total norm of gradients some of which are DTensors split over a mesh (a tensor- or expert-parallel
     weight's) and some whole on every worker (identical there): each split one's squares are summed over the
     mesh dimensions it is split on, each whole one counts once. One all-reduce per group of dimensions."""
-    squares: dict[tuple[int, ...], torch.Tensor] = {}
-    groups: dict[tuple[int, ...], list[Any]] = {}
+    squares: dict[tuple[Any, ...], torch.Tensor] = {}
+    groups: dict[tuple[Any, ...], list[Any]] = {}
     for grad in cast(list[Any], grads):
-        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        local = local_tensor(grad)
         split = tuple(i for i, p in enumerate(getattr(grad, "placements", ())) if not p.is_replicate())
-        key = (id(grad.device_mesh), *split) if split else ()
+        key = (grad.device_mesh, *split) if split else ()
         squares[key] = squares.get(key, torch.zeros((), dtype=torch.float64)) + local.double().pow(2).sum()
         if split:
             groups[key] = [grad.device_mesh.get_group(i) for i in split]
@@ -96,7 +97,7 @@ def _mixed_grad_norm(grads: list[torch.Tensor], clip: float | None) -> torch.Ten
     if clip and float(norm) > clip:
         scale = clip / (float(norm) + 1e-6)
         for grad in grads:
-            (grad.to_local() if hasattr(grad, "to_local") else grad).mul_(scale)
+            local_tensor(grad).mul_(scale)
     return norm
 
 
@@ -169,4 +170,4 @@ def train_row(state: RunState, micro: list[MicroBatch], window_samples: int, win
                                                                                 strict=True)}
     assert state.scheduler is not None
     return {"loss": loss_sum / state.world_size, **averaged, "lr": float(state.scheduler.get_last_lr()[0]),
-            "samples_per_s": samples / (state.world_size // state.data_world_size) / max(window_s, 1e-9)}
+            "samples_per_s": samples / state.tensor_parallel / max(window_s, 1e-9)}

@@ -25,7 +25,7 @@ import torch
 
 from plait.core import checkpoint
 from plait.core.config import FsdpSettings, PlaitConfig
-from plait.core.distributed import Distributed, sync_buffers
+from plait.core.distributed import DataReplicas, Distributed, sync_buffers
 from plait.core.errors import ConfigError, PlaitError, PluginError
 from plait.core.loop import fit
 from plait.core.manager import Plugins
@@ -78,7 +78,7 @@ def worker_distributed(config: PlaitConfig, rank: int, world_size: int,
     where the model, once prepared, is kept (for an error that names its parameters)."""
     strategy = config.scaling.strategy
     shape = mesh_shape(config.scaling, config.source, config.run.checkpoint_format) if world_size > 1 else MeshShape()
-    mesh = build_mesh(shape, rank, device)
+    mesh = build_mesh(shape, device)
     prepared: dict[str, torch.nn.Module] = {}
 
     def prepare_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -99,10 +99,10 @@ def worker_distributed(config: PlaitConfig, rank: int, world_size: int,
     dist = Distributed(
         rank=rank, world_size=world_size, parallelize=lambda model: parallelize(model, mesh),
         prepare_model=prepare_model,
-        prepare_loader=lambda loader, add_sampler: replica_loader(loader, add_sampler, mesh, config.run.seed),
+        prepare_loader=lambda loader, add_sampler: replica_loader(loader, add_sampler, dist, config.run.seed),
         reduce_gradients=lambda model: reduce_expert_gradients(model, mesh),
         device=device, lockstep=world_size > 1 and (strategy == "fsdp" or shape.tensor > 1 or shape.expert > 1),
-        data_rank=mesh.data_rank, data_world_size=shape.data,
+        tensor_parallel=shape.tensor,
     )
     return dist, prepared
 
@@ -156,17 +156,17 @@ def reduce_expert_gradients(model: torch.nn.Module, mesh: Mesh) -> None:
             local.div_(mesh.shape.data)
 
 
-def replica_loader(loader: Any, add_sampler: bool, mesh: Mesh, seed: int) -> Any:
+def replica_loader(loader: Any, add_sampler: bool, replicas: DataReplicas, seed: int) -> Any:
     """The training loader over the data replicas, as Ray Train's ``prepare_data_loader`` makes it over the
     workers (a ``DistributedSampler``, shuffled by ``run.seed``): the workers of a tensor-parallel group read
     the same batches."""
     from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
-    if not add_sampler or mesh.shape.data == 1:  # one replica reads the data as one process does
+    if not add_sampler or replicas.data_world_size == 1:  # one replica reads the data as one process does
         return loader
     shuffle = not isinstance(loader.sampler, SequentialSampler)
-    sampler: DistributedSampler[int] = DistributedSampler(loader.dataset, num_replicas=mesh.shape.data,
-                                                          rank=mesh.data_rank, shuffle=shuffle, seed=seed)
+    sampler: DistributedSampler[int] = DistributedSampler(loader.dataset, num_replicas=replicas.data_world_size,
+                                                          rank=replicas.data_rank, shuffle=shuffle, seed=seed)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn,
                       num_workers=loader.num_workers, generator=loader.generator,
                       persistent_workers=loader.num_workers > 0)
@@ -325,7 +325,7 @@ def check_mesh(config: PlaitConfig, raw: dict[str, Any]) -> None:
     shape = mesh_shape(config.scaling, config.source, config.run.checkpoint_format)
     if shape.tensor == 1 and shape.expert == 1:
         return
-    from plait.core.parallel import tensor_parallel_plans
+    from plait.core.parallel import expert_modules, tensor_parallel_plans
     from plait.core.runs import prepare as prepare_run
     from plait.launch.plan import meta_step
 
@@ -333,9 +333,8 @@ def check_mesh(config: PlaitConfig, raw: dict[str, Any]) -> None:
     state, _ = meta_step(checked, plugins)  # builds the model: plugins check what they split as they build it
     if shape.tensor > 1:
         tensor_parallel_plans(state.model, shape.tensor)
-    if shape.expert > 1 and not any(callable(getattr(m, "plait_expert_parallel", None)) for m in state.model.modules()):
-        raise ConfigError(f"{config.source}: scaling.expert_parallel: {shape.expert}, but the model has no experts to "
-                          "split (add the moe plugin, or set scaling.expert_parallel: 1)")
+    if shape.expert > 1:
+        expert_modules(state.model, shape.expert)
 
 
 def check_storage(config: PlaitConfig) -> str:

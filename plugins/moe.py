@@ -27,7 +27,7 @@ step, which also keeps the DeepSeek-V3 biases equal); ``expert_load.png`` in the
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from torch import nn
 from plait.core.config import Options
 from plait.core.errors import ConfigError
 from plait.core.hookspecs import hookimpl
+from plait.core.parallel import local_tensor
 
 ROUTERS = ("topk", "noisy_topk", "expert_choice")
 
@@ -159,8 +160,8 @@ class MoELayer(nn.Module):
     def _local_experts(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """``rows`` grouped by this worker's experts, through them."""
         # unbind, not w1[e]: each indexing's backward would write a zero tensor the size of all experts
-        w1, w2 = _local(self.w1), _local(self.w2)
-        b1, b2 = _local(self.b1).squeeze(1), _local(self.b2).squeeze(1)
+        w1, w2 = local_tensor(self.w1), local_tensor(self.w2)
+        b1, b2 = local_tensor(self.b1).squeeze(1), local_tensor(self.b2).squeeze(1)
         done = []
         for part, w_in, b_in, w_out, b_out in zip(rows.split(counts), w1.unbind(0), b1.unbind(0), w2.unbind(0),
                                                   b2.unbind(0), strict=True):
@@ -267,11 +268,6 @@ class MoELayer(nn.Module):
         return {"dropped": float(window["dropped"]) / forwards, "entropy": float(window["entropy"]) / forwards,
                 "dead_experts": sum(fraction == 0 for fraction in load), "max_over_mean_load": max(load) / mean,
                 **{f"load{e}": fraction for e, fraction in enumerate(load)}}
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This worker's part of an expert weight (all of it without expert parallelism)."""
-    return cast(torch.Tensor, tensor.to_local()) if hasattr(tensor, "to_local") else tensor
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoELayer]]:

@@ -63,7 +63,7 @@ def test_lr_warms_up_linearly_then_follows_a_cosine_to_zero():
 def test_a_training_row_averages_each_term_over_the_batches_that_had_it():
     scheduler = SimpleNamespace(get_last_lr=lambda: [0.01])
     plugins = SimpleNamespace(call_each=lambda hook, **kwargs: {"p": {"extra": 3}})
-    state = SimpleNamespace(plugins=plugins, scheduler=scheduler, world_size=1, data_world_size=1)
+    state = SimpleNamespace(plugins=plugins, scheduler=scheduler, world_size=1, tensor_parallel=1)
     micro = [MicroBatch(4, torch.tensor(2.0), {"ce": torch.tensor(1.0), "pair": torch.tensor(0.5)}),
              MicroBatch(4, torch.tensor(4.0), {"ce": torch.tensor(3.0)})]  # no pair in this batch
     row = train_row(state, micro, window_samples=8, window_s=2.0)
