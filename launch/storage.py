@@ -4,23 +4,32 @@
 Each worker trains in a local staging folder. At its start the folder is filled from storage:
 the run's small files and its newest complete checkpoint, so a run resumes wherever it is
 started (a restarted worker on another node, another machine). Rank 0 uploads each checkpoint
-as it is written, marking it complete only once every file is up (object stores cannot rename
-a folder atomically), prunes what ``run.keep_checkpoints`` pruned locally, and uploads the
-run's other files (metrics, config, plots) with each checkpoint and at the end.
+beside training (``StorageSync``), marking it complete only once every file is up (object
+stores cannot rename a folder atomically), prunes what ``run.keep_checkpoints`` pruned
+locally, and uploads the run's other files (metrics, config, plots) with each checkpoint and
+at the end.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
 import shutil
 import tempfile
+import threading
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from plait.core import checkpoint as checkpoints
-from plait.core.errors import ConfigError
+from plait.core.errors import ConfigError, PlaitError
 from plait.core.hookspecs import hookimpl
+
+
+class StorageError(PlaitError):
+    """A checkpoint or file could not be uploaded to the runs folder's storage."""
+
 
 COMPLETE = ".complete"  # written last into an uploaded checkpoint folder
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -94,27 +103,28 @@ class RemoteRuns:
             (target / COMPLETE).unlink(missing_ok=True)
         return local
 
-    def upload_checkpoint(self, run_dir: Path, folder: Path) -> None:
+    def upload_checkpoint(self, name: str, folder: Path, kept: set[str]) -> None:
+        """Upload checkpoint ``folder`` of run ``name``, its complete marker last; then delete the run's
+        uploaded checkpoints not in ``kept`` (what ``run.keep_checkpoints`` left locally)."""
         import pyarrow.fs
 
-        remote = self._path(run_dir.name, "checkpoints", folder.name)
+        remote = self._path(name, "checkpoints", folder.name)
         self.fs.create_dir(remote, recursive=True)
         pyarrow.fs.copy_files(str(folder), remote, destination_filesystem=self.fs)
         with self.fs.open_output_stream(f"{remote}/{COMPLETE}") as out:
             out.write(b"")
-        kept = {p.name for p in checkpoints.list_checkpoints(run_dir / "checkpoints")}
-        for info in self._listing(self._path(run_dir.name, "checkpoints")):
+        for info in self._listing(self._path(name, "checkpoints")):
             if info.base_name.startswith(checkpoints.PREFIX) and info.base_name not in kept:
                 self.fs.delete_dir(info.path)
 
-    def upload_files(self, run_dir: Path) -> None:
-        """The run folder's files (not its checkpoints)."""
+    def upload_files(self, name: str, folder: Path) -> None:
+        """The files (not the checkpoints) of run ``name``, from ``folder``."""
         import pyarrow.fs
 
-        self.fs.create_dir(self._path(run_dir.name), recursive=True)
-        for file in run_dir.iterdir():
+        self.fs.create_dir(self._path(name), recursive=True)
+        for file in folder.iterdir():
             if file.is_file():
-                pyarrow.fs.copy_files(str(file), self._path(run_dir.name, file.name), destination_filesystem=self.fs)
+                pyarrow.fs.copy_files(str(file), self._path(name, file.name), destination_filesystem=self.fs)
 
 
 def staging_dir(uri: str, rank: int) -> Path:
@@ -123,24 +133,87 @@ def staging_dir(uri: str, rank: int) -> Path:
     return Path(tempfile.gettempdir()) / "plait-staging" / digest / f"rank-{rank}"
 
 
+def snapshot(run_dir: Path, checkpoint: Path, into: Path) -> Path:
+    """The run's files as they are now and ``checkpoint``, in ``into``: what an upload sends while training
+    goes on. The checkpoint's files are hard links (a checkpoint is never written into once complete, and
+    ``run.keep_checkpoints`` may delete it before its upload ends); the small files are copies, since
+    training appends to ``metrics.jsonl``."""
+    shutil.rmtree(into, ignore_errors=True)
+    target = into / "checkpoints" / checkpoint.name
+    target.parent.mkdir(parents=True)
+    shutil.copytree(checkpoint, target, copy_function=_link_or_copy)
+    for file in run_dir.iterdir():
+        if file.is_file():
+            shutil.copy2(file, into / file.name)
+    return target
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(source, destination)
+
+
 class StorageSync:
-    """Registered on rank 0 when the runs folder is remote: uploads as the run goes.
+    """Registered on rank 0 when the runs folder is remote: uploads as the run goes, beside training.
+
+    Each checkpoint goes up in a background thread from a snapshot of the run folder, so a step never
+    waits for storage; at most one upload is in flight (the next checkpoint waits for the one before,
+    which bounds the memory and the staging disk), and a failed upload is raised at the next checkpoint
+    or at the end. A checkpoint counts only once its complete marker, written last, is up.
 
     A runner plugin (``Plugins.register``): its ``plait_fit_end`` runs after the config's plugins'
     (end hooks run in reverse order) and uploads the files they wrote (plots, reports)."""
 
     def __init__(self, uri: str, source: str = "config") -> None:
         self.uri, self.source = uri, source
+        self._upload: threading.Thread | None = None
+        self._failed: BaseException | None = None
 
     @cached_property
     def remote(self) -> RemoteRuns:
         return RemoteRuns(self.uri, self.source)
 
+    def wait(self) -> None:
+        """Until the upload in flight, if any, is done; raise its error."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise StorageError(f"{self.source}: run.runs_dir: uploading to {self.uri} failed: "
+                               f"{type(failed).__name__}: {failed}") from failed
+
+    def drain(self) -> None:
+        """On a run that failed: let the upload in flight finish (its checkpoint is whole and is where the
+        run resumes), logging rather than raising its own error, which would hide the run's."""
+        try:
+            self.wait()
+        except StorageError as exc:
+            logging.getLogger("plait").error("%s", exc)
+
+    def _send(self, name: str, staged: Path, folder: Path, kept: set[str]) -> None:
+        try:
+            self.remote.upload_checkpoint(name, folder, kept)
+            self.remote.upload_files(name, staged)
+        except BaseException as exc:  # noqa: BLE001 - raised in the training thread by wait()
+            self._failed = exc
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+
     @hookimpl
     def plait_checkpoint_saved(self, state, path) -> None:
-        self.remote.upload_checkpoint(state.run_dir, Path(path))
-        self.remote.upload_files(state.run_dir)
+        self.wait()
+        run_dir = state.run_dir
+        staged = run_dir.parent / f".upload-{run_dir.name}"
+        folder = snapshot(run_dir, Path(path), staged)
+        kept = {p.name for p in checkpoints.list_checkpoints(run_dir / "checkpoints")}
+        self._upload = threading.Thread(target=self._send, args=(run_dir.name, staged, folder, kept),
+                                        name="plait-upload", daemon=True)
+        self._upload.start()
 
     @hookimpl
     def plait_fit_end(self, state) -> None:
-        self.remote.upload_files(state.run_dir)
+        self.wait()
+        self.remote.upload_files(state.run_dir.name, state.run_dir)

@@ -2,6 +2,8 @@
 same calls as for s3:// or gs://, on this machine's disk."""
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,9 +12,11 @@ from conftest import TINY_PLUGINS
 from safetensors.torch import load_file
 
 from plait.core.errors import ConfigError
+from plait.core.hookspecs import hookimpl
+from plait.core.loop import fit
 from plait.core.runs import load
 from plait.launch.ray_runner import check_storage, train
-from plait.launch.storage import COMPLETE, staging_dir
+from plait.launch.storage import COMPLETE, RemoteRuns, StorageSync, staging_dir
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +64,67 @@ def test_storage_that_cannot_be_used_is_a_clear_error(write_config, runs_dir, ex
     with pytest.raises(ConfigError, match=f"run.runs_dir: {expected}"):
         check_storage(config)
     assert not Path("file:").exists() and not Path("nosuchscheme:").exists()
+
+
+class SlowStorage(RemoteRuns):
+    """A `file://` runs folder whose checkpoint uploads take `delay` seconds longer, as over a slow link,
+    noting when each ran and how many ran at once."""
+
+    def __init__(self, uri: str, delay: float) -> None:
+        super().__init__(uri)
+        self.delay, self.uploads, self.in_flight, self.most_in_flight = delay, [], 0, 0
+        self.lock = threading.Lock()
+
+    def upload_checkpoint(self, name, folder, kept):
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        started = time.perf_counter()
+        time.sleep(self.delay)
+        super().upload_checkpoint(name, folder, kept)
+        self.uploads.append((started, time.perf_counter()))
+        with self.lock:
+            self.in_flight -= 1
+
+
+class StepClock:
+    """When each optimizer step ended, and which steps wrote a checkpoint."""
+
+    def __init__(self) -> None:
+        self.ends: dict[int, float] = {}
+        self.saved: set[int] = set()
+
+    @hookimpl
+    def plait_batch_end(self, state, batch, outputs, loss):
+        self.ends[state.step] = time.perf_counter()
+
+    @hookimpl
+    def plait_checkpoint_saved(self, state, path):
+        self.saved.add(state.step)
+
+
+def test_uploads_run_beside_training_one_at_a_time_marker_last(write_config, tmp_path):
+    """Storage 1 s slower per checkpoint, a checkpoint every 2 steps: no step waits for an upload except
+    to keep one upload in flight, and every uploaded checkpoint is whole, its marker written last."""
+    remote = tmp_path / "bucket"
+    config, plugins = load(str(write_config(name="slow", epochs=3, checkpoint_every=2, keep_checkpoints=2)), [])
+    uploads, clock = StorageSync(f"file://{remote}", config.source), StepClock()
+    uploads.remote = SlowStorage(uploads.uri, delay=1.0)  # the plugin's storage, slowed down
+    plugins.register(uploads, name="plait-storage")
+    plugins.register(clock, name="clock")
+    fit(config, plugins)
+
+    storage = uploads.remote
+    assert storage.most_in_flight == 1 and len(storage.uploads) == len(clock.saved) == 9
+    # a step whose predecessor wrote no checkpoint, ended while an upload was running: its time is a step's
+    during = [clock.ends[s] - clock.ends[s - 1] for s in clock.ends if s - 1 in clock.ends and s - 1 not in
+              clock.saved and any(start < clock.ends[s - 1] and clock.ends[s] < end for start, end in storage.uploads)]
+    assert len(during) >= 5, during
+    assert max(during) < storage.delay / 2, during  # a blocking upload would add the whole second
+    kept = sorted((remote / "slow" / "checkpoints").iterdir())
+    assert [p.name for p in kept] == ["step-00000016", "step-00000018"]
+    for folder in kept:
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        marker = folder / COMPLETE
+        assert marker in files and all(f.stat().st_mtime_ns <= marker.stat().st_mtime_ns for f in files)
+    assert not (tmp_path / "runs" / ".upload-slow").exists()  # the snapshot is gone once uploaded
