@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, nearest
 
@@ -99,7 +99,11 @@ class FsdpSettings(Options):
 class ScalingSettings(Options):
     """How the launcher runs the loop (plait.launch maps these to Ray Train's configs)."""
 
-    num_workers: int = Field(0, ge=0, description="Ray Train workers; 0 runs in-process (Ray Train local mode)")
+    num_workers: int | tuple[int, int] = Field(
+        0, description="Ray Train workers; 0 runs in-process (Ray Train local mode); [min, max]: elastic, as many "
+        "workers as the cluster has room for, from min to max, with the global batch kept (gradient accumulation)")
+    elastic_resize_interval_s: float = Field(60.0, gt=0, description="elastic: how often a running job looks for "
+                                             "room to grow to more workers (Ray Train's resize monitor)")
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
@@ -117,6 +121,37 @@ class ScalingSettings(Options):
         "auto", description="DDP's search for parameters a step left without a gradient; auto: only where a "
         "module of the model says it can leave some unused")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts Ray may make (-1: no limit)")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _worker_range(cls, value: Any) -> Any:
+        """A count, or ``[min, max]`` with ``1 <= min <= max``."""
+        if isinstance(value, bool):
+            raise ValueError("expected a worker count or [min, max]")
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError("a worker count is 0 (in-process) or more")
+            return value
+        if (not isinstance(value, list | tuple) or len(value) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise ValueError("expected a worker count or an elastic range [min, max]")
+        low, high = value
+        if not 1 <= low <= high:
+            raise ValueError("an elastic range [min, max] needs 1 <= min <= max")
+        return (low, high) if low < high else low
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run uses: the count, or the top of the elastic range."""
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
 class PlaitConfig(BaseModel):

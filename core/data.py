@@ -14,8 +14,8 @@ from .config import PlaitConfig
 from .errors import DataError, PluginError
 from .manager import Plugins
 
-__all__ = ["ShardSampler", "SkipSampler", "TransformedDataset", "build_dataset", "epoch_loader", "make_loader",
-           "move", "only_modalities"]
+__all__ = ["SAMPLE_INDEX", "ShardSampler", "SkipSampler", "TransformedDataset", "build_dataset", "epoch_loader",
+           "make_loader", "move", "only_modalities"]
 
 
 class ShardSampler(Sampler[int]):
@@ -46,16 +46,21 @@ class SkipSampler(Sampler[int]):
         return max(0, len(self.sampler) - self.skip)
 
 
+SAMPLE_INDEX = "sample_index"  # each batch's positions in its data set: which samples a step trained on
+
+
 class TransformedDataset(Dataset[dict[str, Any]]):
     """A data set whose samples pass through the plugins' sample transforms; it carries the
-    attributes the loop reads from the plugin's data set (``plait_build_dataset``)."""
+    attributes the loop reads from the plugin's data set (``plait_build_dataset``). Its batches
+    hold ``batch["sample_index"]``, the samples' positions in the data set, beside what the
+    plugin's collate makes."""
 
     def __init__(self, base: Any, transforms: list[Callable[[dict[str, Any]], dict[str, Any]]]) -> None:
         self.base = base
         self.transforms = transforms
         self.classes: list[str] = list(base.classes)
         self.modalities: tuple[str, ...] = tuple(base.modalities)
-        self.collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] = base.collate_fn
+        self.plugin_collate: Callable[[list[dict[str, Any]]], dict[str, Any]] = base.collate_fn
         self.info: dict[str, Any] = getattr(base, "info", {})
 
     def __len__(self) -> int:
@@ -65,7 +70,11 @@ class TransformedDataset(Dataset[dict[str, Any]]):
         sample: dict[str, Any] = self.base[index]
         for transform in self.transforms:
             sample = transform(sample)
-        return sample
+        return {**sample, SAMPLE_INDEX: index}
+
+    def collate_fn(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        indices = torch.tensor([sample.pop(SAMPLE_INDEX) for sample in samples])
+        return {**self.plugin_collate(samples), SAMPLE_INDEX: indices}
 
 
 def build_dataset(plugins: Plugins, config: PlaitConfig, split: str) -> TransformedDataset | None:

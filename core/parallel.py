@@ -187,11 +187,16 @@ class MeshShape:
         return self.data * self.tensor
 
 
-def mesh_shape(scaling: ScalingSettings, source: str = "<config>", checkpoint_format: str = "full") -> MeshShape:
-    """The mesh that ``scaling`` asks for, checked against the workers and ``run.checkpoint_format`` (one line
-    for each mistake)."""
-    workers, tp, ep = max(1, scaling.num_workers), scaling.tensor_parallel, scaling.expert_parallel
+def mesh_shape(scaling: ScalingSettings, source: str = "<config>", checkpoint_format: str = "full",
+               workers: int | None = None) -> MeshShape:
+    """The mesh that ``scaling`` asks for over ``workers`` (default: the most it runs), checked against the
+    workers and ``run.checkpoint_format`` (one line for each mistake)."""
+    tp, ep = scaling.tensor_parallel, scaling.expert_parallel
+    workers = workers or max(1, scaling.max_workers)
     where = f"{source}: scaling"
+    if scaling.elastic and (tp > 1 or ep > 1 or scaling.data_parallel != "auto"):
+        raise ConfigError(f"{where}.num_workers: an elastic range runs data parallelism only; tensor_parallel, "
+                          "expert_parallel and data_parallel need a fixed worker count")
     for name, size in (("tensor_parallel", tp), ("expert_parallel", ep)):
         if size > workers:
             raise ConfigError(f"{where}.{name}: {size} is more than the {workers} worker(s) of scaling.num_workers: "

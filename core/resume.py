@@ -32,6 +32,7 @@ def trainer_state(state: RunState, batches_done: int, optimizer: bool = True) ->
         "step": state.step,
         "epoch": state.epoch,
         "batches_done": batches_done,
+        "data_world_size": state.data_world_size,  # a resume on another number of replicas keeps its place
         "optimizer": get_optimizer_state_dict(state.model, state.optimizer,
                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if optimizer else None,
@@ -76,7 +77,8 @@ def restore(state: RunState, saved: dict[str, Any]) -> int:
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])
     state.step, state.epoch = int(saved["step"]), int(saved["epoch"])
-    batches_done = int(saved["batches_done"])
+    batches_done = epoch_position(state, int(saved["batches_done"]), int(saved.get("data_world_size",
+                                                                                   state.data_world_size)))
     if batches_done >= state.batches_per_epoch:  # saved at the end of the epoch
         state.epoch, batches_done = state.epoch + 1, 0
     rng = saved["rng"]
@@ -84,6 +86,23 @@ def restore(state: RunState, saved: dict[str, Any]) -> int:
     for name, data in saved.get("plugins", {}).items():
         state.plugins.call_one(name, hookspecs.plait_load_state_dict, state=state, data=data)
     return batches_done
+
+
+def epoch_position(state: RunState, batches_done: int, saved_replicas: int) -> int:
+    """The batches of the epoch each replica has done, for this run's replicas, from ``batches_done`` of
+    each of ``saved_replicas``. The replicas read one shuffled order in turn (replica r takes positions r,
+    r + n, ...), so the samples done are its first ``batches_done * batch_size * saved_replicas``, and a
+    resume on another number of replicas goes on from the same sample."""
+    if saved_replicas == state.data_world_size:
+        return batches_done
+    batch = state.config.run.batch_size
+    samples = batches_done * batch * saved_replicas
+    if samples >= state.batches_per_epoch * batch * state.data_world_size:  # saved at the end of the epoch
+        return state.batches_per_epoch
+    if samples % (batch * state.data_world_size):
+        raise ConfigError(f"cannot resume {samples} samples into the epoch on {state.data_world_size} data "
+                          f"replica(s) of {batch}: the position falls inside a batch")
+    return samples // (batch * state.data_world_size)
 
 
 def forget_rows_after(path: Path, step: int) -> None:

@@ -143,7 +143,7 @@ def _print_order(args: argparse.Namespace) -> int:
 
     config, plugins = load(args.order, [])
     # and the plugins `plait train` adds on rank 0 (a stand-in for the driver's queue: nothing is sent)
-    add_runner_plugins(plugins, config, progress=object() if config.scaling.num_workers else None)
+    add_runner_plugins(plugins, config, progress=object() if config.scaling.max_workers else None)
     order = hook_order(plugins)
     if args.json:
         print(json.dumps(order, indent=1))

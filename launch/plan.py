@@ -158,7 +158,7 @@ def _split(model: torch.nn.Module, tensor: int, expert: int) -> tuple[dict[int, 
 def plan(config: PlaitConfig, plugins: Plugins, device_memory: int | None = None) -> dict[str, Any]:
     """The per-worker memory plan of ``config``'s model (see the module docstring)."""
     scaling, run = config.scaling, config.run
-    workers = max(1, scaling.num_workers)
+    workers = max(1, scaling.max_workers)
     mesh = mesh_shape(scaling, config.source)
     run_state, batch = meta_step(config, plugins)
     model, device = run_state.model, run_state.device

@@ -24,7 +24,7 @@ from typing import Any, cast
 import torch
 
 from plait.core import checkpoint
-from plait.core.config import FsdpSettings, PlaitConfig
+from plait.core.config import FsdpSettings, PlaitConfig, ScalingSettings
 from plait.core.distributed import DataReplicas, Distributed, sync_buffers
 from plait.core.errors import ConfigError, PlaitError, PluginError
 from plait.core.loop import fit
@@ -77,7 +77,8 @@ def worker_distributed(config: PlaitConfig, rank: int, world_size: int,
     and expert parallelism on it, then DDP or FSDP2 over the data replicas, and their samplers. Also returns
     where the model, once prepared, is kept (for an error that names its parameters)."""
     strategy = config.scaling.strategy
-    shape = mesh_shape(config.scaling, config.source, config.run.checkpoint_format) if world_size > 1 else MeshShape()
+    shape = (mesh_shape(config.scaling, config.source, config.run.checkpoint_format, world_size) if world_size > 1
+             else MeshShape())
     mesh = build_mesh(shape, device)
     prepared: dict[str, torch.nn.Module] = {}
 
@@ -99,7 +100,8 @@ def worker_distributed(config: PlaitConfig, rank: int, world_size: int,
     dist = Distributed(
         rank=rank, world_size=world_size, parallelize=lambda model: parallelize(model, mesh),
         prepare_model=prepare_model,
-        prepare_loader=lambda loader, add_sampler: replica_loader(loader, add_sampler, dist, config.run.seed),
+        prepare_loader=lambda loader, add_sampler: replica_loader(loader, add_sampler, dist, config.run.seed,
+                                                                  always=config.scaling.elastic),
         reduce_gradients=lambda model: reduce_expert_gradients(model, mesh),
         device=device, lockstep=world_size > 1 and (strategy == "fsdp" or shape.tensor > 1 or shape.expert > 1),
         tensor_parallel=shape.tensor,
@@ -156,13 +158,15 @@ def reduce_expert_gradients(model: torch.nn.Module, mesh: Mesh) -> None:
             local.div_(mesh.shape.data)
 
 
-def replica_loader(loader: Any, add_sampler: bool, replicas: DataReplicas, seed: int) -> Any:
+def replica_loader(loader: Any, add_sampler: bool, replicas: DataReplicas, seed: int, always: bool = False) -> Any:
     """The training loader over the data replicas, as Ray Train's ``prepare_data_loader`` makes it over the
     workers (a ``DistributedSampler``, shuffled by ``run.seed``): the workers of a tensor-parallel group read
-    the same batches."""
+    the same batches. Replica r reads positions r, r + n, ... of one shuffled order, whatever the number of
+    replicas n, which is what lets an elastic run (``always``: one replica too) resume on another n at the
+    same sample (``plait.core.resume.epoch_position``)."""
     from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
-    if not add_sampler or replicas.data_world_size == 1:  # one replica reads the data as one process does
+    if not add_sampler or (replicas.data_world_size == 1 and not always):  # as one process reads the data
         return loader
     shuffle = not isinstance(loader.sampler, SequentialSampler)
     sampler: DistributedSampler[int] = DistributedSampler(loader.dataset, num_replicas=replicas.data_world_size,
@@ -216,32 +220,76 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     config, plugins = prepare(loop_config["raw"], loop_config["source"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    if rank == 0:  # before a storage URI in run.runs_dir gives way to the local staging folder
-        add_runner_plugins(plugins, config, loop_config.get("progress"))
+    # before a storage URI in run.runs_dir gives way to the local staging folder
+    uploads = add_runner_plugins(plugins, config, loop_config.get("progress")) if rank == 0 else None
     if is_uri(config.run.runs_dir):  # train in a local folder filled from storage, rank 0 uploads
         remote = RemoteRuns(config.run.runs_dir, config.source)
         config.run.runs_dir = str(remote.stage(config.run.name, staging_dir(remote.uri, rank)).parent)
     device = ray_torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
+    if config.scaling.elastic:
+        config.run.grad_accumulation = elastic_accumulation(config, world_size)
     dist, prepared = worker_distributed(config, rank, world_size, device)
     if loop_config.get("progress") is not None:
-        send_nowait(loop_config["progress"], {"worker": {"rank": rank, **where_this_worker_logs()}})
+        send_nowait(loop_config["progress"], {"worker": {"rank": rank, "world_size": world_size,
+                                                         **where_this_worker_logs()}})
     try:
         state = fit(config, plugins, dist)
     except RuntimeError as exc:
         if "Expected to have finished reduction" not in str(exc):
             raise
         raise undeclared_unused_parameters(prepared["model"], str(exc)) from None
+    finally:
+        if uploads is not None:
+            uploads.drain()
     ray.train.report({"run": state.metrics.get("run", {})})
 
 
-def add_runner_plugins(plugins: Plugins, config: PlaitConfig, progress: Any) -> None:
+def elastic_accumulation(config: PlaitConfig, world_size: int) -> int:
+    """The gradient accumulation that keeps an elastic run's global batch, ``batch_size x grad_accumulation x
+    max workers``, on ``world_size`` workers (so the learning rate and its schedule stay as they are)."""
+    total = config.run.grad_accumulation * config.scaling.max_workers
+    if total % world_size:
+        raise ConfigError(f"{config.source}: scaling.num_workers: {world_size} workers cannot keep the global batch "
+                          f"of {total} batches of run.batch_size")
+    accumulation = total // world_size
+    if config.run.grad_accumulation != accumulation:
+        logging.getLogger("plait").info(
+            "elastic: %d of %d workers; gradient accumulation %d keeps the global batch of %d samples",
+            world_size, config.scaling.max_workers, accumulation, total * config.run.batch_size)
+    return accumulation
+
+
+def check_elastic(config: PlaitConfig) -> None:
+    """Refuse an elastic range in which some worker count cannot keep the global batch."""
+    import math
+
+    scaling = config.scaling
+    if not scaling.elastic:
+        return
+    total = config.run.grad_accumulation * scaling.max_workers
+    odd = [n for n in range(scaling.min_workers, scaling.max_workers + 1) if total % n]
+    if odd:
+        counts = math.lcm(*range(scaling.min_workers, scaling.max_workers + 1))
+        needed = config.run.grad_accumulation * counts // math.gcd(counts, total)
+        raise ConfigError(
+            f"{config.source}: scaling.num_workers: [{scaling.min_workers}, {scaling.max_workers}]: plait keeps the "
+            "global batch by gradient accumulation, so every worker count in the range must divide "
+            f"{scaling.max_workers} x run.grad_accumulation = {total}, and {odd[0]} does not; set "
+            f"run.grad_accumulation to {needed}")
+
+
+def add_runner_plugins(plugins: Plugins, config: PlaitConfig, progress: Any) -> StorageSync | None:
     """The runner's own plugins on rank 0, registered like any other so that ``plait plugins
-    --order`` lists them: the upload to a remote runs folder, and progress for the driver's bar
-    (``progress``: the driver's queue, None in Ray's local mode)."""
+    --order`` lists them: the upload to a remote runs folder (returned, to finish its upload in
+    flight when the run fails), and progress for the driver's bar (``progress``: the driver's
+    queue, None in Ray's local mode)."""
+    uploads = None
     if is_uri(config.run.runs_dir):
-        plugins.register(StorageSync(config.run.runs_dir, config.source), name="plait-storage")
+        uploads = StorageSync(config.run.runs_dir, config.source)
+        plugins.register(uploads, name="plait-storage")
     if progress is not None:
         plugins.register(ProgressForwarder(progress), name="plait-ray-progress")
+    return uploads
 
 
 def where_this_worker_logs() -> dict[str, Any]:
@@ -253,7 +301,8 @@ def where_this_worker_logs() -> dict[str, Any]:
         log = os.readlink("/proc/self/fd/2")  # Linux: what stderr is, as Ray redirected it
     except OSError:
         log = None
-    return {"node": ray.util.get_node_ip_address(), "log": log if log and log.startswith("/") else None}
+    return {"node": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+            "log": log if log and log.startswith("/") else None}
 
 
 def connect(address: str | None, verbose: bool) -> None:
@@ -281,6 +330,16 @@ def connect(address: str | None, verbose: bool) -> None:
         raise ConfigError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
 
 
+def on_this_node() -> dict[str, Any]:
+    """Actor options that keep an actor of the driver's (the progress queue) on the driver's node, with no
+    CPU: a node lost under the job takes its workers, never the driver's plumbing."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"num_cpus": 0,
+            "scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
 def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """Fail fast on an address nothing listens at (``ray.init`` would retry for minutes)."""
     from urllib.parse import urlparse
@@ -306,12 +365,13 @@ def check_resources(config: PlaitConfig) -> None:
     per_worker.setdefault("CPU", 1.0)
     if scaling.use_gpu:
         per_worker.setdefault("GPU", 1.0)
+    workers = scaling.min_workers  # an elastic run starts with its minimum and grows as nodes join
     for name, amount in per_worker.items():
-        needed, available = amount * scaling.num_workers, float(resources.get(name, 0))
+        needed, available = amount * workers, float(resources.get(name, 0))
         if needed > available:
             hint = " (no GPU in the cluster: set scaling.use_gpu=false)" if name == "GPU" and not available else ""
             raise ConfigError(
-                f"{config.source}: scaling: {scaling.num_workers} workers x {amount:g} {name} = {needed:g} {name}, "
+                f"{config.source}: scaling: {workers} workers x {amount:g} {name} = {needed:g} {name}, "
                 f"but the Ray cluster has {available:g}{hint}"
             )
 
@@ -320,7 +380,7 @@ def check_mesh(config: PlaitConfig, raw: dict[str, Any]) -> None:
     """Refuse, before any worker starts, a mesh the workers or the model cannot take: the sizes against
     ``scaling.num_workers``, and (building the model on the meta device) tensor parallelism with no module
     that has a plan, heads it does not divide, and experts that expert parallelism does not divide."""
-    if config.scaling.num_workers < 2:
+    if config.scaling.max_workers < 2:
         return
     shape = mesh_shape(config.scaling, config.source, config.run.checkpoint_format)
     if shape.tensor == 1 and shape.expert == 1:
@@ -396,6 +456,16 @@ def _how_to_resume(checkpoints: Path | None) -> str:
     return "no checkpoint was written yet: the same command starts the run again"
 
 
+def ray_scaling(scaling: ScalingSettings) -> dict[str, Any]:
+    """Ray Train's ``ScalingConfig`` (Train V2's: an elastic range is its ``(min_workers, max_workers)``)."""
+    options: dict[str, Any] = {"num_workers": scaling.num_workers, "use_gpu": scaling.use_gpu,
+                               "resources_per_worker": scaling.resources_per_worker,
+                               "placement_strategy": scaling.placement_strategy}
+    if scaling.elastic:
+        options["elastic_resize_monitor_interval_s"] = scaling.elastic_resize_interval_s
+    return options
+
+
 def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
           verbose: bool = False) -> dict[str, Any]:
     """Train under Ray Train; return the run's results (what ``metrics.json`` holds)."""
@@ -407,24 +477,22 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
         logging.getLogger("ray").setLevel(logging.ERROR)
     runs = check_storage(config)
     check_mesh(config, raw)
+    check_elastic(config)
     queue = None
-    if scaling.num_workers > 0:
+    if scaling.max_workers > 0:
         from ray.util.queue import Queue
 
         started = time.perf_counter()
         connect(address, verbose)
         check_resources(config)
         logging.getLogger("plait").info("Ray ready in %.1f s", time.perf_counter() - started)
-        queue = Queue(maxsize=10_000)
+        queue = Queue(maxsize=10_000, actor_options=on_this_node())
     cpus_per_worker = (scaling.resources_per_worker or {}).get("CPU", 1)
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"raw": raw, "source": config.source, "cwd": os.getcwd(), "progress": queue,
-                           "threads": max(1, int(cpus_per_worker)) if scaling.num_workers else torch.get_num_threads()},
-        scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-            resources_per_worker=scaling.resources_per_worker, placement_strategy=scaling.placement_strategy,
-        ),
+                           "threads": max(1, int(cpus_per_worker)) if scaling.max_workers else torch.get_num_threads()},
+        scaling_config=ScalingConfig(**ray_scaling(scaling)),
         # No CheckpointConfig: Ray is handed no checkpoint, and run.keep_checkpoints already
         # bounds plait's own (see the module docstring).
         run_config=RunConfig(
@@ -463,4 +531,7 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
 
         runs_dir = staging_dir(runs, 0) if is_uri(runs) else Path(runs)
         metrics = json.loads((runs_dir / config.run.name / "metrics.json").read_text())
+    if workers:  # where the workers that finished ran (a restart can place them anew)
+        metrics["workers"] = [{key: workers[rank].get(key) for key in ("node", "node_id")}
+                              for rank in range(metrics["world_size"]) if rank in workers]
     return metrics

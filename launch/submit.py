@@ -154,7 +154,7 @@ def rayjob_manifest(config: PlaitConfig, plugins: Plugins) -> str:
     volume = {"name": "plait-config", "configMap": {"name": f"{name}-config"}}
     mount = {"name": "plait-config", "mountPath": "/plait"}
     container = {"name": "ray-head", "image": image, "volumeMounts": [mount]}
-    workers = max(1, config.scaling.num_workers)
+    workers = max(1, config.scaling.max_workers)
     documents = [
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-config"},
          "data": {"config.yaml": yaml.safe_dump(job_config(config), sort_keys=False)}},
