@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,12 +38,13 @@ class LocalCluster:
     def __init__(self, temp_dir: Path, env: dict[str, str]) -> None:
         self.gcs, self.dashboard = free_port(), free_port()
         self.env, self.nodes = env, {}  # node ID -> its `ray start` process
+        self.temp_dir, self.started = temp_dir, []
         # a lost node is noticed in about 2 s (Ray's default: 15 s)
         system = json.dumps({"health_check_period_ms": 500, "health_check_failure_threshold": 4,
                              "health_check_timeout_ms": 500})
         self.head = self._start("--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}", "--num-cpus=0",
                                 "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
-                                f"--temp-dir={temp_dir}", f"--system-config={system}")
+                                f"--temp-dir={temp_dir / 'head'}", f"--system-config={system}")
         wait_for(lambda: _listening(self.dashboard), "the Ray head", 120)
 
     @property
@@ -58,7 +60,12 @@ class LocalCluster:
         """Start a worker node; return its node ID once it is alive in the cluster."""
         import ray
 
-        process = self._start(f"--address={self.address}", "--node-ip-address=127.0.0.1", "--num-cpus=1")
+        # its own temporary folder, as on its own machine: nodes that shared one would delete the files of a
+        # runtime env (a job's working_dir) that is unused on their side but used on another's
+        temp_dir = self.temp_dir / f"node-{len(self.started)}"
+        self.started.append(temp_dir)
+        process = self._start(f"--address={self.address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                              f"--temp-dir={temp_dir}")
         wait_for(lambda: _raylet(process) is not None, "the new node's raylet", 120)
         node_id = _raylet(process)[1]
         wait_for(lambda: any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()), "the new node", 120)
@@ -264,3 +271,25 @@ def test_an_elastic_run_shrinks_to_one_worker_and_grows_back_keeping_its_place(c
         if last[row["step"]] == row["id"]:
             by_step[row["step"]] = by_step.get(row["step"], 0) + len(row["ids"])
     assert set(by_step.values()) == {64}, "the global batch stays 64 on one worker (2 accumulated batches)"
+
+
+def test_plait_launch_runs_a_job_over_two_nodes_and_the_run_is_in_storage(cluster, tmp_path):
+    """`plait launch` to the head's job server: the job's driver runs on the head, its two workers on the
+    two worker nodes, and the run folder is in storage."""
+    bucket = tmp_path / "bucket"
+    path = tmp_path / "launch.yaml"
+    path.write_text(yaml.safe_dump({
+        "run": {"name": "launched", "epochs": 1, "batch_size": 32, "runs_dir": f"file://{bucket}"},
+        "scaling": {"num_workers": 2, "placement_strategy": "SPREAD"},
+        "plugins": {k: v for k, v in TINY_PLUGINS.items() if k != "image_encoder"}}, sort_keys=False))
+    launched = subprocess.run(
+        [sys.executable, "-m", "plait.launch.cli", "launch", str(path), "--address",
+         f"http://127.0.0.1:{cluster.dashboard}", "--follow", "--no-wheel"],
+        capture_output=True, text=True, timeout=600, env={k: v for k, v in cluster.env.items() if k != "PYTHONPATH"})
+    assert launched.returncode == 0, launched.stderr[-3000:] + launched.stdout[-3000:]
+    assert "SUCCEEDED" in launched.stderr
+    placed = re.findall(r"rank \d on node ([0-9a-f]{12})", launched.stdout)
+    assert sorted(placed) == sorted(node[:12] for node in cluster.nodes), launched.stdout[-2000:]
+    metrics = json.loads((bucket / "launched" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["test"]["fused"]["samples"] == 64
+    assert checkpoints_in(bucket, "launched") == ["step-00000003"]
