@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -447,6 +449,47 @@ def _first_line(error: BaseException) -> str:
     return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
 
 
+class HeadWatch(threading.Thread):
+    """Watches the Ray head (its GCS port) while the driver waits for the workers. A head that stops
+    answering ends the driver at once with one line that names the head and where the run resumes from:
+    otherwise Ray's own client retries for a minute, then aborts the process with a native log. The
+    workers lose the head too, so the job is over either way; the checkpoints in the runs folder are
+    what is kept."""
+
+    def __init__(self, gcs_address: str, resume_hint: Callable[[], str], name: str | None = None,
+                 period_s: float = 2.0, misses: int = 3) -> None:
+        super().__init__(name="plait-head-watch", daemon=True)
+        self.gcs_address, self.resume_hint, self.period_s, self.misses = gcs_address, resume_hint, period_s, misses
+        self.head = name or gcs_address  # as the user gave it
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        host, _, port = self.gcs_address.rpartition(":")
+        missed = 0
+        while not self.done.wait(self.period_s):
+            try:
+                socket.create_connection((host, int(port)), timeout=self.period_s).close()
+                missed = 0
+            except OSError:
+                missed += 1
+            if missed >= self.misses:
+                print(f"plait: error: the Ray head at {self.head} stopped answering during the run "
+                      f"(the head node died or cannot be reached); {self.resume_hint()}", file=sys.stderr,
+                      flush=True)
+                os._exit(1)
+
+
+def _resume_hint(runs: str, name: str, source: str) -> str:
+    if not is_uri(runs):
+        return _how_to_resume(Path(runs) / name / "checkpoints")
+    try:
+        newest = RemoteRuns(runs, source).complete_checkpoints(name)[-1:]
+    except Exception:  # noqa: BLE001 - storage that cannot be read now: say where the checkpoints are
+        newest = []
+    where = f"the newest checkpoint in {runs}, {newest[0]}, is kept" if newest else "no checkpoint reached storage"
+    return f"{where}: once the cluster is back, the same command resumes the run"
+
+
 def _how_to_resume(checkpoints: Path | None) -> str:
     newest = checkpoint.latest(checkpoints) if checkpoints is not None else None
     if newest is not None:
@@ -512,10 +555,18 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
     if queue is None:
         run()
     else:
+        import ray
+
+        given = address or os.environ.get("RAY_ADDRESS")
+        gcs = ray.get_runtime_context().gcs_address
+        watch = HeadWatch(gcs, lambda: _resume_hint(runs, config.run.name, config.source),
+                          name=given if given and given not in ("auto", "local") else gcs)
+        watch.start()
         running = threading.Thread(target=run, name="plait-ray-fit", daemon=True)
         running.start()
         show_progress(queue, running, workers)
         running.join()
+        watch.done.set()
     if "error" in outcome:
         exc = outcome["error"]
         if isinstance(exc, PlaitError):

@@ -2,23 +2,20 @@
 1 CPU, on 127.0.0.1 (`ray start --head`, then `ray start --address` per node). The runs folder is a
 ``file://`` URI, standing in for storage that every node sees. Workers are spread over the nodes, a node
 is killed under a running job, and an elastic run shrinks and grows back."""
-import contextlib
 import json
 import logging
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import sample_log
 import torch
 import yaml
-from conftest import PLUGINS_FOR_TESTS, TINY_PLUGINS, free_port
+from conftest import PLUGINS_FOR_TESTS, TINY_PLUGINS
+from ray_cluster import LocalCluster, node_env, wait_for
 from safetensors.torch import load_file
 
 from plait.core.config import load_config
@@ -27,104 +24,14 @@ from plait.launch import ray_runner
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3  # 192 samples, 2 x 32 a step: 3 steps an epoch
-VENV_BIN = Path(sys.executable).parent
-
-
-class LocalCluster:
-    """A Ray head (no CPUs: it runs the driver's side, the job server and the Train controller) and worker
-    nodes of 1 CPU each, every one a `ray start --block` process group of its own: stopping the group stops
-    that node and nothing else on the machine."""
-
-    def __init__(self, temp_dir: Path, env: dict[str, str]) -> None:
-        self.gcs, self.dashboard = free_port(), free_port()
-        self.env, self.nodes = env, {}  # node ID -> its `ray start` process
-        self.temp_dir, self.started = temp_dir, []
-        # a lost node is noticed in about 2 s (Ray's default: 15 s)
-        system = json.dumps({"health_check_period_ms": 500, "health_check_failure_threshold": 4,
-                             "health_check_timeout_ms": 500})
-        self.head = self._start("--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}", "--num-cpus=0",
-                                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard}",
-                                f"--temp-dir={temp_dir / 'head'}", f"--system-config={system}")
-        wait_for(lambda: _listening(self.dashboard), "the Ray head", 120)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.gcs}"
-
-    def _start(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
-                                env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
-
-    def add_node(self) -> str:
-        """Start a worker node; return its node ID once it is alive in the cluster."""
-        import ray
-
-        # its own temporary folder, as on its own machine: nodes that shared one would delete the files of a
-        # runtime env (a job's working_dir) that is unused on their side but used on another's
-        temp_dir = self.temp_dir / f"node-{len(self.started)}"
-        self.started.append(temp_dir)
-        process = self._start(f"--address={self.address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                              f"--temp-dir={temp_dir}")
-        wait_for(lambda: _raylet(process) is not None, "the new node's raylet", 120)
-        node_id = _raylet(process)[1]
-        wait_for(lambda: any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()), "the new node", 120)
-        self.nodes[node_id] = process
-        return node_id
-
-    def kill_node(self, node_id: str) -> None:
-        """SIGKILL the node's raylet by its PID, as when a machine is lost, then what else that node ran."""
-        process = self.nodes.pop(node_id)
-        os.kill(_raylet(process)[0], signal.SIGKILL)
-        process.wait(timeout=60)  # `ray start --block` notices and exits
-        _stop(process, signal.SIGKILL)
-
-    def shutdown(self) -> None:
-        for process in self.nodes.values():
-            _stop(process, signal.SIGKILL)
-        _stop(self.head, signal.SIGTERM)
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def _raylet(process: subprocess.Popen) -> tuple[int, str] | None:
-    """(PID, node ID) of the raylet that a `ray start` process started."""
-    try:
-        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
-        for pid in children:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-            if args and args[0].endswith("/raylet"):
-                return int(pid), next(a.split("=", 1)[1] for a in args if a.startswith("--node_id="))
-    except OSError:
-        pass
-    return None
-
-
-def _stop(process: subprocess.Popen, how: signal.Signals) -> None:
-    try:
-        os.killpg(process.pid, how)
-        process.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, plait_cache):
     import ray
 
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PLAIT_CACHE": str(plait_cache),
-           "PYTHONPATH": str(PLUGINS_FOR_TESTS), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
-        env.pop(key, None)
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"  # the Train controller checks its workers this often
-    cluster = LocalCluster(tmp_path_factory.mktemp("ray"), env)
+    cluster = LocalCluster(node_env(plait_cache))
     try:
         ray.init(address=cluster.address, logging_level=logging.ERROR, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(PLUGINS_FOR_TESTS), "PLAIT_CACHE": str(plait_cache)}})
@@ -165,14 +72,6 @@ def train_in_thread(path):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, outcome
-
-
-def wait_for(condition, what: str, timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def checkpoints_in(bucket: Path, name: str) -> list[str]:
