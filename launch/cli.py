@@ -194,7 +194,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise ConfigError("plait launch: give a CONFIG (or --status JOB_ID / --stop JOB_ID)")
     config, plugins = load(args.config, args.overrides)
     if args.emit == "rayjob":
-        print(submit.rayjob_manifest(config, plugins), end="")
+        print(submit.rayjob_manifest(config, plugins, image=args.image, pip_deps=args.pip_deps), end="")
         return 0
     jobs, job_id = submit.submit(config, plugins, args.address, wheel=not args.no_wheel)
     print(f"submitted job {job_id} (run '{config.run.name}'); `plait launch --status {job_id}`", file=sys.stderr)
@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--stop", metavar="JOB_ID", help="stop a job")
     launch.add_argument("--emit", choices=["rayjob"], help="print a KubeRay RayJob instead of submitting")
     launch.add_argument("--no-wheel", action="store_true", help="use the plait installed on the cluster")
+    launch.add_argument("--image", help="--emit rayjob: the pods' image, which provides torch and plait's "
+                        "dependencies (plait itself travels as its wheel)")
+    launch.add_argument("--pip-deps", action="store_true", help="--emit rayjob: install plait's dependencies, "
+                        "pinned to this machine's versions, at the job's start (on Ray's own image by default)")
     launch.set_defaults(func=cmd_launch)
 
     plugins = sub.add_parser("plugins", help="list installed plugins")

@@ -415,6 +415,31 @@ def check_storage(config: PlaitConfig) -> str:
     return str(runs)
 
 
+def check_storage_on_nodes(config: PlaitConfig) -> None:
+    """Refuse a storage URI that a node of the cluster cannot write to, naming the node: the driver reaching
+    it says nothing of the nodes (their credentials, network and mounts are their own)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    uri, source = config.run.runs_dir, config.source
+
+    def probe() -> str | None:
+        try:
+            RemoteRuns(uri, source).check_writable()
+        except ConfigError as exc:
+            return str(exc).split(": run.runs_dir: ", 1)[-1]
+        return None
+
+    remote_probe = ray.remote(num_cpus=0, max_retries=0)(probe)
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    answers = ray.get([remote_probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node["NodeID"], soft=False)).remote() for node in nodes], timeout=120)
+    for node, problem in zip(nodes, answers, strict=True):
+        if problem is not None:
+            raise ConfigError(f"{source}: run.runs_dir: node {node['NodeManagerAddress']} ({node['NodeID'][:12]}) "
+                              f"{problem}; every node must reach the runs folder")
+
+
 def _worker_error(exc: Exception, workers: dict[int, dict[str, Any]], checkpoints: Path | None) -> PlaitError | None:
     """A one-line error naming the rank (and the plugin and hook noted on the exception); for a
     failure that is not the user's input, also where that worker's log is and how to resume."""
@@ -528,6 +553,8 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
         started = time.perf_counter()
         connect(address, verbose)
         check_resources(config)
+        if is_uri(runs):
+            check_storage_on_nodes(config)
         logging.getLogger("plait").info("Ray ready in %.1f s", time.perf_counter() - started)
         queue = Queue(maxsize=10_000, actor_options=on_this_node())
     cpus_per_worker = (scaling.resources_per_worker or {}).get("CPU", 1)

@@ -8,6 +8,7 @@ run name resumes it, from the run folder on the cluster.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import subprocess
@@ -83,9 +84,9 @@ def source_root() -> Path | None:
     return root if (root / "pyproject.toml").is_file() and (root / "core" / "hookspecs.py").is_file() else None
 
 
-def build_wheel(into: Path) -> list[Path]:
-    """Build plait's wheel and unpack it: the package and its dist-info (entry points), as
-    ``py_modules`` folders. (Ray pip-installs a .whl given as such, dependencies and all.)"""
+def build_wheel(into: Path, unpack: bool = True) -> list[Path]:
+    """Build plait's wheel; unpacked (the default), the package and its dist-info (entry points) as
+    ``py_modules`` folders (Ray pip-installs a .whl given as such, dependencies and all), else the wheel."""
     root = source_root()
     if root is None:
         raise PlaitError("plait is not installed from a source tree, so no wheel can be built; "
@@ -95,6 +96,8 @@ def build_wheel(into: Path) -> list[Path]:
     if result.returncode != 0:
         raise PlaitError(f"building the plait wheel failed: {result.stderr.strip().splitlines()[-1:]}")
     wheel = next(into.glob("plait-*.whl"))
+    if not unpack:
+        return [wheel]
     site = into / "site"
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(site)
@@ -143,36 +146,107 @@ def follow(jobs: Any, job_id: str) -> str:
     return status
 
 
-def rayjob_manifest(config: PlaitConfig, plugins: Plugins) -> str:
-    """A KubeRay RayJob (and a ConfigMap with the resolved config) for ``kubectl apply -f``."""
+RAY_IMAGE = "rayproject/ray:2.60.0-py311"  # Ray's own image: Python and Ray, no torch
+WHEEL_MOUNT = "/plait"  # where the ConfigMap (config and plait's wheel) is mounted in every pod
+MEMORY_PER_CPU = 4 * 2**30  # a worker pod's memory when resources_per_worker gives none
+
+
+class _Plain(yaml.SafeDumper):
+    """YAML without anchors and aliases: the pods' shared parts written out, for people to read and edit."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def pinned_dependencies() -> list[str]:
+    """plait's own dependencies (not its extras), pinned to the versions installed here: the set it was
+    tested with."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    pins = []
+    for line in requires("plait") or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and "extra" in str(requirement.marker):
+            continue
+        extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+        pins.append(f"{requirement.name}{extras}=={version(requirement.name)}")
+    return pins
+
+
+def quantity(size: int) -> str:
+    """Bytes as a Kubernetes quantity: 4Gi, 512Mi, or bytes."""
+    for unit, scale in (("Gi", 2**30), ("Mi", 2**20)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+def pod_resources(config: PlaitConfig) -> dict[str, dict[str, str]]:
+    """A worker pod's requests and limits (equal, as KubeRay advises), from ``scaling``: CPUs and GPUs per
+    worker, and memory from ``resources_per_worker.memory`` (bytes, Ray's unit) or 4 GiB per CPU."""
+    scaling = config.scaling
+    per_worker = dict(scaling.resources_per_worker or {})
+    cpus = float(per_worker.get("CPU", 1))
+    amounts = {"cpu": f"{cpus:g}", "memory": quantity(int(per_worker.get("memory", MEMORY_PER_CPU * max(cpus, 1))))}
+    gpus = per_worker.get("GPU", 1 if scaling.use_gpu else 0)
+    if gpus:
+        amounts["nvidia.com/gpu"] = f"{gpus:g}"
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def rayjob_manifest(config: PlaitConfig, plugins: Plugins, image: str | None = None,
+                    pip_deps: bool = False) -> str:
+    """A KubeRay RayJob and a ConfigMap for ``kubectl apply -f``, made offline (nothing is contacted).
+
+    The ConfigMap holds the resolved config and plait's wheel, mounted at /plait in every pod; the job's
+    runtime env pip-installs the wheel. The image must provide torch and plait's dependencies (``image``),
+    or ``pip_deps`` installs them, pinned, at the job's start on Ray's own image."""
+    if image is None and not pip_deps:
+        raise ConfigError("--emit rayjob: name the image with --image IMAGE (one that provides torch and plait's "
+                          f"dependencies), or use --pip-deps to install them, pinned, on {RAY_IMAGE}")
+    scaling = config.scaling
+    workers = max(1, scaling.max_workers)
+    runs_dir = config.run.runs_dir
+    if not is_uri(runs_dir):
+        raise ConfigError(f"{config.source}: run.runs_dir: {runs_dir} is a folder on this machine, which the "
+                          f"RayJob's {workers + 1} pods (a head, {workers} worker(s)) neither have nor share; use a "
+                          "storage URI that every pod reaches (run.runs_dir=s3://BUCKET/runs, gs://..., or a "
+                          "shared mount's file:// path)")
     name = f"plait-{config.run.name}".lower().replace("_", "-")
+    with tempfile.TemporaryDirectory(prefix="plait-rayjob-") as tmp:
+        wheel = build_wheel(Path(tmp), unpack=False)[0]
+        wheel_bytes = base64.b64encode(wheel.read_bytes()).decode()
     fragments = merge_runtime_envs(list(plugins.call_each(hookspecs.plait_runtime_env, config=config).values()))
-    env = {**fragments, "pip": [f"plait=={__version__}", *fragments.get("pip", [])],
-           "working_dir": None}
-    env = {k: v for k, v in env.items() if v}
-    image = "rayproject/ray:2.60.0-py311" + ("-gpu" if config.scaling.use_gpu else "")
-    volume = {"name": "plait-config", "configMap": {"name": f"{name}-config"}}
-    mount = {"name": "plait-config", "mountPath": "/plait"}
-    container = {"name": "ray-head", "image": image, "volumeMounts": [mount]}
-    workers = max(1, config.scaling.max_workers)
+    pip = [f"{WHEEL_MOUNT}/{wheel.name}", *(pinned_dependencies() if pip_deps else []), *fragments.get("pip", [])]
+    env = {k: v for k, v in {**fragments, "pip": pip}.items() if v and k not in ("working_dir", "py_modules")}
+    image = image or RAY_IMAGE + ("-gpu" if scaling.use_gpu else "")
+    volume = {"name": "plait", "configMap": {"name": f"{name}-files"}}
+    mount = {"name": "plait", "mountPath": WHEEL_MOUNT}
+    head = {"name": "ray-head", "image": image, "volumeMounts": [mount],
+            "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "1", "memory": "4Gi"}}}
+    worker = {"name": "ray-worker", "image": image, "volumeMounts": [mount], "resources": pod_resources(config)}
+    group: dict[str, Any] = {"groupName": "workers", "replicas": workers, "minReplicas": max(1, scaling.min_workers),
+                             "maxReplicas": workers, "rayStartParams": {},
+                             "template": {"spec": {"containers": [worker], "volumes": [volume]}}}
+    cluster: dict[str, Any] = {
+        "rayVersion": "2.60.0",
+        # no training worker on the head: it runs the driver, GCS and the job server
+        "headGroupSpec": {"rayStartParams": {"num-cpus": "0"},
+                          "template": {"spec": {"containers": [head], "volumes": [volume]}}},
+        "workerGroupSpecs": [group],
+    }
+    if scaling.elastic:  # pods come and go with the workers Ray Train asks for
+        cluster["enableInTreeAutoscaling"] = True
     documents = [
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-config"},
-         "data": {"config.yaml": yaml.safe_dump(job_config(config), sort_keys=False)}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-files"},
+         "data": {"config.yaml": yaml.safe_dump(job_config(config), sort_keys=False)},
+         "binaryData": {wheel.name: wheel_bytes}},
         {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": name},
-         "spec": {
-             "entrypoint": "python -m plait.launch.cli train /plait/config.yaml",
-             "runtimeEnvYAML": yaml.safe_dump(env, sort_keys=False),
-             "shutdownAfterJobFinishes": True,
-             "rayClusterSpec": {
-                 "rayVersion": "2.60.0",
-                 "headGroupSpec": {"rayStartParams": {},
-                                   "template": {"spec": {"containers": [container], "volumes": [volume]}}},
-                 "workerGroupSpecs": [{
-                     "groupName": "workers", "replicas": workers, "minReplicas": workers, "maxReplicas": workers,
-                     "rayStartParams": {},
-                     "template": {"spec": {"containers": [{**container, "name": "ray-worker"}],
-                                           "volumes": [volume]}}}],
-             },
-         }},
+         "spec": {"entrypoint": f"python -m plait.launch.cli train {WHEEL_MOUNT}/config.yaml",
+                  "runtimeEnvYAML": yaml.dump(env, Dumper=_Plain, sort_keys=False),
+                  "shutdownAfterJobFinishes": True,
+                  "rayClusterSpec": cluster}},
     ]
-    return yaml.safe_dump_all(documents, sort_keys=False)
+    return yaml.dump_all(documents, Dumper=_Plain, sort_keys=False)

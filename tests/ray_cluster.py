@@ -22,14 +22,16 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def node_env(plait_cache: Path) -> dict[str, str]:
-    """The environment of the nodes' processes: this venv, the test plugins, the shared data cache, and a
-    Train controller that checks its workers every 0.5 s (Ray's default: 2 s)."""
+    """The environment of the nodes' processes (and of drivers that connect to them): this venv, the test
+    plugins, the shared data cache, a Train controller that checks its workers every 0.5 s (Ray's default:
+    2 s), and no token authentication (the nodes listen on 127.0.0.1 only)."""
     from conftest import PLUGINS_FOR_TESTS
 
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PLAIT_CACHE": str(plait_cache),
-           "PYTHONPATH": str(PLUGINS_FOR_TESTS), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE"):
-        env.pop(key, None)
+           "PYTHONPATH": str(PLUGINS_FOR_TESTS), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+           # said, not left to Ray: a head started where ~/.ray/auth_token exists would otherwise want a token
+           "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
     return env
 
 
@@ -138,3 +140,9 @@ def _stop(process: subprocess.Popen, how: signal.Signals) -> None:
     except (ProcessLookupError, subprocess.TimeoutExpired):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def checkpoints_in(bucket: Path, name: str) -> list[str]:
+    """The complete checkpoints of run ``name`` in the ``file://`` storage folder ``bucket``."""
+    folder = bucket / name / "checkpoints"
+    return sorted(p.name for p in folder.iterdir() if (p / ".complete").is_file()) if folder.is_dir() else []

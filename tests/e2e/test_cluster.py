@@ -15,10 +15,11 @@ import sample_log
 import torch
 import yaml
 from conftest import PLUGINS_FOR_TESTS, TINY_PLUGINS
-from ray_cluster import LocalCluster, node_env, wait_for
+from ray_cluster import LocalCluster, checkpoints_in, node_env, wait_for
 from safetensors.torch import load_file
 
 from plait.core.config import load_config
+from plait.core.errors import ConfigError
 from plait.core.runs import prepare
 from plait.launch import ray_runner
 
@@ -30,8 +31,10 @@ EPOCHS = 3  # 192 samples, 2 x 32 a step: 3 steps an epoch
 def cluster(tmp_path_factory, plait_cache):
     import ray
 
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"  # the Train controller checks its workers this often
-    cluster = LocalCluster(node_env(plait_cache))
+    env = node_env(plait_cache)
+    saved = {key: os.environ.get(key) for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_AUTH_MODE")}
+    os.environ.update({key: env[key] for key in saved})  # this process is the driver: as the nodes have it
+    cluster = LocalCluster(env)
     try:
         ray.init(address=cluster.address, logging_level=logging.ERROR, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(PLUGINS_FOR_TESTS), "PLAIT_CACHE": str(plait_cache)}})
@@ -41,6 +44,11 @@ def cluster(tmp_path_factory, plait_cache):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def configure(tmp_path, name: str, **scaling):
@@ -72,11 +80,6 @@ def train_in_thread(path):
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, outcome
-
-
-def checkpoints_in(bucket: Path, name: str) -> list[str]:
-    folder = bucket / name / "checkpoints"
-    return sorted(p.name for p in folder.iterdir() if (p / ".complete").is_file()) if folder.is_dir() else []
 
 
 def train_rows(bucket: Path, name: str) -> list[int]:
@@ -114,6 +117,7 @@ def test_two_workers_run_on_two_nodes_and_the_run_is_in_storage(cluster, whole_r
     each_sample_once_per_epoch(log)
 
 
+@pytest.mark.timeout(600)
 def test_a_lost_node_is_replaced_and_the_run_ends_as_if_never_interrupted(cluster, whole_run, tmp_path):
     path, log = configure(tmp_path, "lost")
     bucket = tmp_path / "bucket"
@@ -134,6 +138,7 @@ def test_a_lost_node_is_replaced_and_the_run_ends_as_if_never_interrupted(cluste
     assert whole.keys() == lost.keys() and all(torch.equal(whole[k], lost[k]) for k in whole), "bitwise"
 
 
+@pytest.mark.timeout(600)
 def test_an_elastic_run_shrinks_to_one_worker_and_grows_back_keeping_its_place(cluster, tmp_path):
     epochs = EPOCHS + 2
     path, log = configure(tmp_path, "elastic", num_workers=[1, 2], elastic_resize_interval_s=2)
@@ -172,6 +177,7 @@ def test_an_elastic_run_shrinks_to_one_worker_and_grows_back_keeping_its_place(c
     assert set(by_step.values()) == {64}, "the global batch stays 64 on one worker (2 accumulated batches)"
 
 
+@pytest.mark.timeout(600)
 def test_plait_launch_runs_a_job_over_two_nodes_and_the_run_is_in_storage(cluster, tmp_path):
     """`plait launch` to the head's job server: the job's driver runs on the head, its two workers on the
     two worker nodes, and the run folder is in storage."""
@@ -192,3 +198,16 @@ def test_plait_launch_runs_a_job_over_two_nodes_and_the_run_is_in_storage(cluste
     metrics = json.loads((bucket / "launched" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["test"]["fused"]["samples"] == 64
     assert checkpoints_in(bucket, "launched") == ["step-00000003"]
+
+
+def test_storage_that_a_node_cannot_write_is_one_line_naming_the_node(cluster, tmp_path):
+    path, _ = configure(tmp_path, "unwritable")
+    raw = load_config(path, ["run.runs_dir=file:///proc/plait-runs"])
+    config, _ = prepare(raw, str(path))
+    with pytest.raises(ConfigError) as err:
+        ray_runner.check_storage_on_nodes(config)
+    message = str(err.value)
+    assert re.match(r".*: run.runs_dir: node [\d.]+ \([0-9a-f]{12}\) cannot write to file:///proc/plait-runs: .*"
+                    r"; every node must reach the runs folder$", message) and "\n" not in message, message
+    raw = load_config(path, [])
+    ray_runner.check_storage_on_nodes(prepare(raw, str(path))[0])  # the test's bucket: every node writes there

@@ -7,16 +7,12 @@ import sys
 import pytest
 import yaml
 from conftest import TINY_PLUGINS
-from ray_cluster import LocalCluster, node_env, wait_for
+from ray_cluster import LocalCluster, checkpoints_in, node_env, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-def checkpoints_in(bucket, name):
-    folder = bucket / name / "checkpoints"
-    return sorted(p.name for p in folder.iterdir() if (p / ".complete").is_file()) if folder.is_dir() else []
-
-
+@pytest.mark.timeout(600)
 def test_a_head_that_dies_mid_job_is_named_and_the_run_resumes(tmp_path, plait_cache):
     bucket = tmp_path / "bucket"
     path = tmp_path / "headless.yaml"

@@ -125,15 +125,3 @@ def test_launch_to_an_unreachable_address_fails_fast(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "cannot reach Ray at http://127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_emit_rayjob_writes_a_kuberay_manifest(tmp_path):
-    result = subprocess.run([*PLAIT, "launch", str(launch_config(tmp_path)), "--emit", "rayjob",
-                             "scaling.num_workers=2"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    config_map, ray_job = list(yaml.safe_load_all(result.stdout))
-    assert config_map["kind"] == "ConfigMap" and ray_job["kind"] == "RayJob"
-    assert yaml.safe_load(config_map["data"]["config.yaml"])["run"]["name"] == "launched"
-    assert ray_job["spec"]["entrypoint"] == "python -m plait.launch.cli train /plait/config.yaml"
-    assert ray_job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2
-    assert "plait==" in ray_job["spec"]["runtimeEnvYAML"]
