@@ -133,15 +133,15 @@ def staging_dir(uri: str, rank: int) -> Path:
     return Path(tempfile.gettempdir()) / "plait-staging" / digest / f"rank-{rank}"
 
 
-def snapshot(run_dir: Path, checkpoint: Path, into: Path) -> Path:
-    """The run's files as they are now and ``checkpoint``, in ``into``: what an upload sends while training
-    goes on. The checkpoint's files are hard links (a checkpoint is never written into once complete, and
-    ``run.keep_checkpoints`` may delete it before its upload ends); the small files are copies, since
-    training appends to ``metrics.jsonl``."""
+def snapshot(run_dir: Path, saved: Path, into: Path) -> Path:
+    """The run's files as they are now and the checkpoint folder ``saved``, in ``into``: what an upload
+    sends while training goes on. The checkpoint's files are hard links (a checkpoint is never written
+    into once complete, and ``run.keep_checkpoints`` may delete it before its upload ends); the small
+    files are copies, since training appends to ``metrics.jsonl``."""
     shutil.rmtree(into, ignore_errors=True)
-    target = into / "checkpoints" / checkpoint.name
+    target = into / "checkpoints" / saved.name
     target.parent.mkdir(parents=True)
-    shutil.copytree(checkpoint, target, copy_function=_link_or_copy)
+    shutil.copytree(saved, target, copy_function=_link_or_copy)
     for file in run_dir.iterdir():
         if file.is_file():
             shutil.copy2(file, into / file.name)
