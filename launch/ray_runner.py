@@ -232,8 +232,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         config.run.grad_accumulation = elastic_accumulation(config, world_size)
     dist, prepared = worker_distributed(config, rank, world_size, device)
     if loop_config.get("progress") is not None:
-        send_nowait(loop_config["progress"], {"worker": {"rank": rank, "world_size": world_size,
-                                                         **where_this_worker_logs()}})
+        send_nowait(loop_config["progress"], {"worker": {"rank": rank, **where_this_worker_logs()}})
     try:
         state = fit(config, plugins, dist)
     except RuntimeError as exc:
@@ -307,13 +306,14 @@ def where_this_worker_logs() -> dict[str, Any]:
             "log": log if log and log.startswith("/") else None}
 
 
-def connect(address: str | None, verbose: bool) -> None:
-    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray sized to this machine."""
+def connect(address: str | None, verbose: bool) -> str | None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray sized to this machine. Returns
+    the address as the user gave it (None: none was given)."""
     import ray
 
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return address
     if address:
         check_reachable(address)
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": verbose,
@@ -330,6 +330,7 @@ def connect(address: str | None, verbose: bool) -> None:
                      _system_config={"enable_metrics_collection": False}, **options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"cannot connect to Ray at {address or 'a new local instance'}: {exc}") from None
+    return address
 
 
 def on_this_node() -> dict[str, Any]:
@@ -546,12 +547,12 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
     runs = check_storage(config)
     check_mesh(config, raw)
     check_elastic(config)
-    queue = None
+    queue, given = None, None
     if scaling.max_workers > 0:
         from ray.util.queue import Queue
 
         started = time.perf_counter()
-        connect(address, verbose)
+        given = connect(address, verbose)
         check_resources(config)
         if is_uri(runs):
             check_storage_on_nodes(config)
@@ -584,7 +585,6 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
     else:
         import ray
 
-        given = address or os.environ.get("RAY_ADDRESS")
         gcs = ray.get_runtime_context().gcs_address
         watch = HeadWatch(gcs, lambda: _resume_hint(runs, config.run.name, config.source),
                           name=given if given and given not in ("auto", "local") else gcs)

@@ -169,11 +169,8 @@ def test_an_elastic_run_shrinks_to_one_worker_and_grows_back_keeping_its_place(c
     by_step: dict[int, int] = {}
     for epoch, ids in sample_log.trained(log, epochs).items():
         assert sorted(ids) == list(range(192)), f"epoch {epoch}: samples seen twice or skipped"
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    last = {row["step"]: row["id"] for row in sorted(rows, key=lambda r: r["started"])}
-    for row in rows:
-        if last[row["step"]] == row["id"]:
-            by_step[row["step"]] = by_step.get(row["step"], 0) + len(row["ids"])
+    for row in sample_log.counted_rows(log):
+        by_step[row["step"]] = by_step.get(row["step"], 0) + len(row["ids"])
     assert set(by_step.values()) == {64}, "the global batch stays 64 on one worker (2 accumulated batches)"
 
 

@@ -48,14 +48,19 @@ def plait_batch_end(state, batch, outputs, loss):
     time.sleep(seconds.get(state.world_size, 0.0) if isinstance(seconds, dict) else seconds)
 
 
-def trained(path, epochs: int) -> dict[int, list[int]]:
-    """The samples each epoch trained on, counting each step once: from the last attempt that took it."""
+def counted_rows(path) -> list[dict]:
+    """The rows that count: each step's from the last attempt that took it (a restart trains again the
+    steps after the checkpoint it resumes from)."""
     rows = [json.loads(line) for line in open(path)]
     last: dict[int, str] = {}
     for row in sorted(rows, key=lambda r: r["started"]):
         last[row["step"]] = row["id"]
+    return [row for row in rows if last[row["step"]] == row["id"]]
+
+
+def trained(path, epochs: int) -> dict[int, list[int]]:
+    """The samples each epoch trained on, counting each step once."""
     by_epoch: dict[int, list[int]] = {e: [] for e in range(epochs)}
-    for row in rows:
-        if last[row["step"]] == row["id"]:
-            by_epoch[row["epoch"]].extend(row["ids"])
+    for row in counted_rows(path):
+        by_epoch[row["epoch"]].extend(row["ids"])
     return by_epoch
