@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 import threading
+import uuid
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,9 @@ class RemoteRuns:
         return "/".join([self.root.rstrip("/"), *parts])
 
     def check_writable(self) -> None:
-        """A clear error now rather than a failed upload after the first epoch."""
-        probe = self._path(".plait-write-test")
+        """A clear error now rather than a failed upload after the first epoch. The probe's name is
+        unique: every node of a cluster probes the same folder at once."""
+        probe = self._path(f".plait-write-test-{uuid.uuid4().hex}")
         try:
             self.fs.create_dir(self.root, recursive=True)
             with self.fs.open_output_stream(probe) as out:

@@ -66,6 +66,28 @@ def test_storage_that_cannot_be_used_is_a_clear_error(write_config, runs_dir, ex
     assert not Path("file:").exists() and not Path("nosuchscheme:").exists()
 
 
+def test_nodes_probing_one_folder_at_once_do_not_trip_each_other(tmp_path):
+    """Every node of a cluster probes the runs folder at the same moment (`check_storage_on_nodes`);
+    one probe must not delete another's file and report the folder unwritable."""
+    storage = RemoteRuns(f"file://{tmp_path / 'bucket'}", "plugins.yaml")
+    failures: list[Exception] = []
+
+    def probe_repeatedly() -> None:
+        for _ in range(200):
+            try:
+                storage.check_writable()
+            except ConfigError as exc:
+                failures.append(exc)
+
+    probes = [threading.Thread(target=probe_repeatedly) for _ in range(4)]
+    for thread in probes:
+        thread.start()
+    for thread in probes:
+        thread.join()
+    assert failures == []
+    assert list((tmp_path / "bucket").iterdir()) == []  # each probe cleans up after itself
+
+
 class SlowStorage(RemoteRuns):
     """A `file://` runs folder whose checkpoint uploads take `delay` seconds longer, as over a slow link,
     noting when each ran and how many ran at once."""
