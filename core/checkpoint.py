@@ -24,7 +24,7 @@ from .distributed import barrier, sync_buffers, unwrap
 from .errors import DataError, PlaitError
 
 __all__ = ["PREFIX", "SHARDS", "CheckpointError", "export", "latest", "list_checkpoints", "load", "model_weights",
-           "regroup", "save", "save_sharded", "what_is_kept"]
+           "regroup", "save", "save_sharded", "weights_digest", "what_is_kept"]
 
 
 class CheckpointError(PlaitError):
@@ -238,12 +238,18 @@ def _as_before(loaded: Any, template: Any) -> Any:
 
 
 def regroup(saved: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """An optimizer state dict (keyed by parameter name) with its parameter groups laid out as ``optimizer``'s:
-    plait's groups differ only in which parameters they hold (split or whole ones, see ``loop``), and a run
-    resumed on another mesh groups them otherwise."""
+    """An optimizer state dict (keyed by parameter name) with its parameter groups laid out as ``optimizer``'s.
+    A run resumed on another mesh splits its groups otherwise (split and whole parameters, see ``core.optim``);
+    each group takes the settings (its learning rate where the schedule left it) of the saved group of its
+    ``name``, or of the first saved group in a checkpoint whose groups have no names."""
     names = {id(p): name for name, p in unwrap(model).named_parameters()}
-    settings = {k: v for k, v in saved["param_groups"][0].items() if k != "params"}
-    return {**saved, "param_groups": [{**settings, "params": [names[id(p)] for p in group["params"]]}
+    saved_settings = [{k: v for k, v in group.items() if k != "params"} for group in saved["param_groups"]]
+    by_name = {settings.get("name"): settings for settings in saved_settings}
+
+    def settings_for(group: dict[str, Any]) -> dict[str, Any]:
+        return by_name.get(group.get("name"), saved_settings[0])
+
+    return {**saved, "param_groups": [{**settings_for(group), "params": [names[id(p)] for p in group["params"]]}
                                       for group in optimizer.param_groups]}
 
 
@@ -258,6 +264,19 @@ def export(checkpoint: Path, model: torch.nn.Module) -> Path:
         os.fsync(handle.fileno())
     os.replace(tmp, target)
     return target
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    """A SHA-256 of named tensors (names, dtypes, shapes and values, in name order): the same for the same
+    weights wherever they were loaded or saved."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:

@@ -31,6 +31,7 @@ run (gradient accumulation, a skipped step, a resume, two Ray workers) against t
             plait_build_fusion                    first result wins
             plait_build_head                      first result wins
         plait_configure_model                     each plugin, chained: each gets what the last returned
+        plait_parameter_groups                    each plugin: how its parts train (frozen, lr, decay)
         if the run folder holds a checkpoint (a resume):
             plait_load_state_dict                 each plugin whose state the checkpoint holds
         plait_fit_start
@@ -67,14 +68,14 @@ run (gradient accumulation, a skipped step, a resume, two Ray workers) against t
 
 Outside ``fit``: ``plait_config_schema`` runs once per plugin whenever a config is resolved
 (``plait.core.runs.prepare``); ``plait_teacher`` when distillation asks for a teacher;
-``plait_compress`` in ``plait compress``; ``plait_runtime_env`` in ``plait launch``;
-``plait_register_commands`` at every start of the CLI.
+``plait_compress`` in ``plait compress``; ``plait_export_model`` in ``plait export --format hf``;
+``plait_runtime_env`` in ``plait launch``; ``plait_register_commands`` at every start of the CLI.
 
 API history: 1.0 the first contract; 1.1 added ``plait_build_model``, ``plait_train_metrics``,
 ``plait_checkpoint_saved``, ``plait_teacher`` and the ``metrics`` argument of ``plait_eval_metrics``;
 1.2 the ``plugins`` argument of ``plait_configure_model``; 1.3 ``plait_compress``; 1.4 the ``split``
 and ``modalities`` arguments of ``plait_eval_batch`` and ``plait_eval_metrics``, and
-``plugins.stash`` for per-run objects.
+``plugins.stash`` for per-run objects; 1.5 ``plait_parameter_groups`` and ``plait_export_model``.
 
 Its length (over 400 lines) is deliberate: it is the whole contract, the drawing and one docstring a
 hook, read top to bottom as the reference (``plait hooks``).
@@ -94,13 +95,14 @@ if TYPE_CHECKING:
 
     from .config import PlaitConfig
     from .manager import Plugins
+    from .optim import ParameterGroup
     from .state import CompressJob, RunState
 
 PROJECT = "plait"
 #: The version of this hook contract. A plugin may declare the range it supports as a module
 #: attribute, ``PLAIT_API = ">=1.1,<2"``; a plait outside that range refuses it by name.
 #: Minor: hooks or arguments added; major: a hook removed or its meaning changed.
-API_VERSION = "1.4"
+API_VERSION = "1.5"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
@@ -219,6 +221,21 @@ def plait_configure_model(model: torch.nn.Module, config: PlaitConfig, plugins: 
         ``plait_teacher``), keep per-run objects in ``plugins.stash``.
 
     MoE swaps feed-forward blocks here; distillation adds its projections.
+    """
+
+
+@hookspec
+def plait_parameter_groups(model: torch.nn.Module, config: PlaitConfig) -> list[ParameterGroup] | None:
+    """Return how the parts of the model this plugin built train, or None. Each plugin, once the model is
+    configured, before it is wrapped or sharded.
+
+    :param model: the configured model (``plait_configure_model``'s result).
+    :param config: the resolved config.
+
+    Each ``plait.core.optim.ParameterGroup`` names a submodule and its ``lr_scale``, ``weight_decay``,
+    ``freeze`` and ``unfreeze_at_step``; options that inherit ``plait.core.optim.TrainingControl`` make one
+    with ``options.group(name, module)``. A frozen group gets no gradients; each group becomes AdamW
+    parameter groups of its own. Two plugins claiming one module is an error.
     """
 
 
@@ -398,6 +415,20 @@ def plait_compress(model: torch.nn.Module, job: CompressJob) -> torch.nn.Module 
     before the stored int8 weights load) records it in the new folder's config with
     ``job.set_plugin_options`` and redoes it in ``plait_configure_model``; ``job.notes`` lines go
     into report.md.
+    """
+
+
+@hookspec
+def plait_export_model(model: torch.nn.Module, config: PlaitConfig) -> torch.nn.Module | None:
+    """Return the trained model as ``plait export RUN --format hf`` writes it, or None to leave it. Each
+    plugin, chained: each gets what the one before returned.
+
+    :param model: the run's model (plain, on the CPU, its newest weights loaded).
+    :param config: the run's config.
+
+    ``lora`` merges its adapters into the base weights here, so each tower is written as a plain model of
+    its kind. Each encoder is then written by its ``plait_save_native(folder)`` method (an HF folder, timm's
+    files), or as safetensors where it has none.
     """
 
 

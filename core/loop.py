@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +38,12 @@ from .evaluation import evaluate, evaluate_by_modality
 from .files import write_json_atomic, write_text_atomic
 from .manager import Plugins
 from .model import build_model
+from .optim import apply_freezing, build_optimizer, schedule
 from .parallel import checkpoint_activations, compile_blocks
 from .resume import forget_rows_after, init_from, restore, save_checkpoint
 from .runs import RUN_INFO, run_dir_for
 from .state import RunState
-from .step import MicroBatch, autocast, densify_gradients, grad_norm, loss_terms, lr_factor, skip_nonfinite, train_row
+from .step import MicroBatch, autocast, densify_gradients, grad_norm, loss_terms, skip_nonfinite, train_row
 
 __all__ = ["fit", "log_metrics"]
 
@@ -58,6 +59,7 @@ class _Training:
     buffers: list[torch.Tensor]  # what a forward may change (BatchNorm statistics and counts)
     sparse_params: list[torch.nn.Parameter]  # embeddings whose gradients arrive sparse
     reduce_gradients: Callable[[torch.nn.Module], None]  # Distributed.reduce_gradients
+    frozen: list[torch.nn.Module] = field(default_factory=list)  # kept in eval mode: their statistics too stay
 
 
 def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) -> RunState:
@@ -102,6 +104,7 @@ def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[Ru
     newest = checkpoint.latest(run_dir / "checkpoints")
     if run.init_from and newest is None:
         init_from(Path(run.init_from), model, device)
+    claims = apply_freezing(plugins, config, model)
     model = dist.parallelize(model)
     recomputed = checkpoint_activations(model, run.activation_checkpointing, run.activation_checkpointing_every)
     if recomputed:
@@ -113,7 +116,9 @@ def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[Ru
     model = dist.prepare_model(model)
     seed_everything(run.seed + dist.data_rank)
     training = _loaders(config, dist, model, train_set, splits)
-    state = _run_state(config, plugins, dist, device, model, train_set, len(training.train))
+    training.frozen = [claim.group.module for claim in claims if claim.group.freeze]
+    state = _run_state(config, plugins, dist, device, model, build_optimizer(model, claims, run), train_set,
+                       len(training.train))
     skip = 0
     if newest is not None:
         skip = restore(state, checkpoint.load(newest, model, device, state.optimizer))
@@ -141,15 +146,12 @@ def _loaders(config: PlaitConfig, dist: Distributed, model: torch.nn.Module, tra
 
 
 def _run_state(config: PlaitConfig, plugins: Plugins, dist: Distributed, device: torch.device,
-               model: torch.nn.Module, train_set: TransformedDataset, batches_per_epoch: int) -> RunState:
+               model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_set: TransformedDataset,
+               batches_per_epoch: int) -> RunState:
     run = config.run
     steps_per_epoch = math.ceil(batches_per_epoch / run.grad_accumulation)
     total_steps = int(min(run.max_steps or math.inf, run.epochs * steps_per_epoch))
-    # fused: one kernel for all parameters (the per-tensor loop costs ~25 ms a step on CPU)
-    optimizer = torch.optim.AdamW(_parameter_groups(model), lr=run.lr, weight_decay=run.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, run.warmup_steps, total_steps, run.schedule)
-    )
+    scheduler = schedule(optimizer, run, total_steps)
     encoders = getattr(unwrap(model), "encoders", None)  # a plugin may replace the model wholesale
     return RunState(
         config=config, plugins=plugins, run_dir=run_dir_for(config), device=device, classes=list(train_set.classes),
@@ -161,21 +163,12 @@ def _run_state(config: PlaitConfig, plugins: Plugins, dist: Distributed, device:
     )
 
 
-def _parameter_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """The split parameters (DTensors: tensor- or expert-parallel, or sharded by FSDP) and the whole ones in
-    groups of their own: a fused AdamW step takes one kind or the other, not both. The groups share every
-    setting, so a checkpoint's optimizer state loads into another grouping (``checkpoint.regroup``)."""
-    from torch.distributed.tensor import DTensor
-
-    split = [p for p in model.parameters() if isinstance(p, DTensor)]
-    whole = [p for p in model.parameters() if not isinstance(p, DTensor)]
-    return [{"params": params} for params in (split, whole) if params]
-
-
 def _train_epoch(state: RunState, training: _Training, skip: int) -> tuple[int, int]:
     """Train the rest of ``state.epoch``; return (samples stepped on, batches of the epoch done)."""
     run, plugins = state.config.run, state.plugins
     state.model.train()
+    for frozen in training.frozen:  # no batch-norm statistics move, no dropout: a fixed feature extractor
+        frozen.eval()
     window_start, window_samples, samples = time.perf_counter(), 0, 0
     batches_done = skip
     micro: list[MicroBatch] = []  # the batches of the current optimizer step

@@ -18,7 +18,7 @@ from .errors import PluginError
 from .manager import Plugins
 
 __all__ = ["MultimodalModel", "build_model", "cpu_latency_ms", "leaves_parameters_unused", "median_forward_ms",
-           "select_rows", "touch"]
+           "part_of", "select_rows", "touch"]
 
 log = logging.getLogger("plait")
 
@@ -97,6 +97,20 @@ class MultimodalModel(nn.Module):
             return zero
         finally:
             encoder.train(was_training)
+
+
+def part_of(model: nn.Module, kind: type[nn.Module], *path: str) -> nn.Module | None:
+    """The submodule at ``path`` (attribute names or ``ModuleDict`` keys: ``"encoders", "text"``) if it is a
+    ``kind``, else None: how a plugin finds the part it built in the model a run assembled."""
+    found: Any = model
+    for name in path:
+        if isinstance(found, nn.ModuleDict):
+            found = found[name] if name in found else None
+        else:
+            found = getattr(found, name, None)
+        if found is None:
+            return None
+    return found if isinstance(found, kind) else None
 
 
 def touch(module: nn.Module) -> torch.Tensor | None:

@@ -74,6 +74,8 @@ def restore(state: RunState, saved: dict[str, Any]) -> int:
                                  checkpoint.regroup(saved["optimizer"], state.model, state.optimizer),
                                  options=StateDictOptions(full_state_dict=True, strict=False))
     state.scheduler.load_state_dict(saved["scheduler"])
+    # per group, as this run's groups are laid out (another mesh groups split and whole parameters otherwise)
+    state.scheduler.base_lrs = [group["initial_lr"] for group in state.optimizer.param_groups]
     if state.scaler is not None and saved.get("scaler"):
         state.scaler.load_state_dict(saved["scaler"])
     state.step, state.epoch = int(saved["step"]), int(saved["epoch"])

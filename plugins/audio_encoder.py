@@ -8,12 +8,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from plait.core.config import Options
 from plait.core.hookspecs import hookimpl
+from plait.core.model import part_of
+from plait.core.optim import TrainingControl
 from plait.modalities.audio import LogMel, SpecAugment
 
 
-class AudioEncoderOptions(Options):
+class AudioEncoderOptions(TrainingControl):
     n_mels: int = Field(40, ge=16)
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128])
     dim: int = Field(128, ge=8)
@@ -80,3 +81,9 @@ def plait_build_encoder(modality, config):
     if modality == "audio":
         return AudioEncoder(config.options(AudioEncoderOptions))
     return None
+
+
+@hookimpl
+def plait_parameter_groups(model, config):
+    encoder = part_of(model, AudioEncoder, "encoders", "audio")
+    return [config.options(AudioEncoderOptions).group("audio", encoder)] if encoder is not None else None

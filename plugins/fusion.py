@@ -12,14 +12,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from plait.core.config import Options
 from plait.core.hookspecs import hookimpl
+from plait.core.model import part_of
+from plait.core.optim import TrainingControl
 from plait.core.parallel import transformer_plan
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-class FusionOptions(Options):
+class FusionOptions(TrainingControl):
+    """The fusion's options; its ``freeze``, ``lr_scale``, ... are the fusion's, ``head:`` holds the head's."""
+
     kind: Literal["attention", "concat"] = "attention"
     dim: int = Field(128, ge=8)
     layers: int = Field(1, ge=1)
@@ -30,6 +33,7 @@ class FusionOptions(Options):
     contrastive_weight: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term (1 - alpha under distillation)")
+    head: TrainingControl = Field(default_factory=TrainingControl, description="how the classification head trains")
 
 
 class Fusion(nn.Module):
@@ -132,6 +136,18 @@ def plait_build_fusion(config, dims):
 @hookimpl
 def plait_build_head(config, in_dim, num_classes):
     return Head(in_dim, num_classes, config.options(FusionOptions).dropout)
+
+
+@hookimpl
+def plait_parameter_groups(model, config):
+    options = config.options(FusionOptions)
+    groups = []
+    fusion, head = part_of(model, Fusion, "fusion"), part_of(model, Head, "head")
+    if fusion is not None:
+        groups.append(options.group("fusion", fusion))
+    if head is not None:
+        groups.append(options.head.group("head", head))
+    return groups
 
 
 @hookimpl

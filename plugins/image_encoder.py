@@ -8,13 +8,14 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from plait.core.config import Options
 from plait.core.errors import nearest
 from plait.core.hookspecs import hookimpl
+from plait.core.model import part_of
+from plait.core.optim import TrainingControl
 from plait.modalities.image import match_channels
 
 
-class ImageEncoderOptions(Options):
+class ImageEncoderOptions(TrainingControl):
     timm: str = Field("resnet18", description="a timm model name (`timm.list_models()`)")
     in_chans: int = Field(1, ge=1)
     timm_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -60,3 +61,9 @@ def plait_build_encoder(modality, config):
     if modality == "image":
         return ImageEncoder(config.options(ImageEncoderOptions))
     return None
+
+
+@hookimpl
+def plait_parameter_groups(model, config):
+    encoder = part_of(model, ImageEncoder, "encoders", "image")
+    return [config.options(ImageEncoderOptions).group("image", encoder)] if encoder is not None else None

@@ -10,13 +10,14 @@ from pydantic import Field
 from torch import nn
 from transformers import AutoModel, BertConfig, BertModel
 
-from plait.core.config import Options
 from plait.core.errors import ConfigError
 from plait.core.hookspecs import hookimpl
+from plait.core.model import part_of
+from plait.core.optim import TrainingControl
 from plait.modalities.text import NUM_TOKEN, ByteTokenizer, WordPieceTokenizer, masked_mean, minilm_folder
 
 
-class TextEncoderOptions(Options):
+class TextEncoderOptions(TrainingControl):
     pretrained: str | None = Field(None, description="local model folder, or 'minilm'")
     tokenizer: Literal["wordpiece", "bytes"] = Field(
         "wordpiece", description="wordpiece: MiniLM's 30,522 pieces; bytes: 257 ids, for small models")
@@ -25,7 +26,6 @@ class TextEncoderOptions(Options):
     heads: int = Field(4, ge=1)
     max_length: int = Field(32, ge=4)
     dropout: float = Field(0.1, ge=0, lt=1)
-    freeze: bool = False
     numeric_channel: bool = Field(False, description="a [NUM] token whose embedding is scaled by the number the "
                                   "sample carries for it (xVal; the finance plugin's numbers: xval)")
 
@@ -60,8 +60,6 @@ class TextEncoder(nn.Module):
                 hidden_dropout_prob=options.dropout, attention_probs_dropout_prob=options.dropout,
             )
             self.model = BertModel(config, add_pooling_layer=False)
-        if options.freeze:
-            self.model.requires_grad_(False)
         self.out_dim = self.model.config.hidden_size
         self.attention_mask: torch.Tensor | None = None
 
@@ -138,3 +136,9 @@ def plait_build_encoder(modality, config):
     if modality == "text":
         return TextEncoder(config.options(TextEncoderOptions))
     return None
+
+
+@hookimpl
+def plait_parameter_groups(model, config):
+    encoder = part_of(model, TextEncoder, "encoders", "text")
+    return [config.options(TextEncoderOptions).group("text", encoder)] if encoder is not None else None

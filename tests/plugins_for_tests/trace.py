@@ -61,6 +61,11 @@ def plait_configure_model(config):
     _record(config, "plait_configure_model")
 
 
+@hookimpl
+def plait_parameter_groups(config):
+    _record(config, "plait_parameter_groups")
+
+
 def _state_hook(name: str):
     def record(state):
         _record(state.config, name)
