@@ -3,12 +3,15 @@ noise for augmentation."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from importlib.resources import files
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
+
+from plait.core.errors import DataError
 
 NUM_TOKEN = "[NUM]"  # a number in a text, its value carried beside it (finance's xval, text_encoder's numeric_channel)
 
@@ -19,13 +22,18 @@ def minilm_folder() -> Path:
 
 
 class WordPieceTokenizer:
-    """Lower-cased WordPiece; the default vocabulary is MiniLM's (30,522 pieces)."""
+    """A model folder's own tokenizer (its ``tokenizer.json``, or a BERT ``vocab.txt``, lower-cased WordPiece);
+    the default is MiniLM's (30,522 pieces). It pads with the folder's pad token."""
 
     def __init__(self, source: str | Path | None = None, max_length: int = 32) -> None:
         source = Path(source) if source else minilm_folder()
+        pad_token = "[PAD]"
         if source.is_dir():
+            pad_token = _pad_token(source) or pad_token
             tokenizer_json = source / "tokenizer.json"
             source = tokenizer_json if tokenizer_json.exists() else source / "vocab.txt"
+        if not source.is_file():
+            raise DataError(f"{source}: missing; a text model folder needs tokenizer.json or vocab.txt")
         if source.suffix == ".json":
             self.tokenizer = Tokenizer.from_file(str(source))
         else:
@@ -33,8 +41,21 @@ class WordPieceTokenizer:
 
             self.tokenizer = BertWordPieceTokenizer(str(source), lowercase=True)._tokenizer
         self.tokenizer.enable_truncation(max_length)
-        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]") or 0)
+        pad_id = self.tokenizer.token_to_id(pad_token) or 0
+        self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
         self.max_length = max_length
+
+    def save(self, folder: Path) -> None:
+        """Write ``tokenizer.json`` and a ``tokenizer_config.json`` that ``transformers.AutoTokenizer`` reads."""
+        self.tokenizer.save(str(folder / "tokenizer.json"))
+        padding = self.tokenizer.padding or {}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": self.max_length,
+                  "pad_token": padding.get("pad_token", "[PAD]")}
+        for token in ("[CLS]", "[SEP]", "[UNK]", "[MASK]"):
+            if self.tokenizer.token_to_id(token) is not None:
+                config[{"[CLS]": "cls_token", "[SEP]": "sep_token", "[UNK]": "unk_token",
+                        "[MASK]": "mask_token"}[token]] = token
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
 
     @property
     def vocab_size(self) -> int:
@@ -59,6 +80,22 @@ class WordPieceTokenizer:
         ids = torch.tensor([e.ids for e in encoded], dtype=torch.long)
         mask = torch.tensor([e.attention_mask for e in encoded], dtype=torch.long)
         return ids, mask
+
+
+def _pad_token(folder: Path) -> str | None:
+    """The pad token a model folder's tokenizer config names, if it names one."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = folder / name
+        if file.is_file():
+            try:
+                token = json.loads(file.read_text(encoding="utf-8")).get("pad_token")
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{file}: unreadable ({exc})") from None
+            if isinstance(token, dict):  # {"content": "<pad>", ...}
+                token = token.get("content")
+            if isinstance(token, str):
+                return token
+    return None
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,17 +8,19 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 from torch import nn
-from transformers import AutoModel, BertConfig, BertModel
+from transformers import BertConfig, BertModel
 
 from plait.core.errors import ConfigError
 from plait.core.hookspecs import hookimpl
 from plait.core.model import part_of
 from plait.core.optim import TrainingControl
+from plait.modalities.pretrained import hf_folder, load_hf_model
 from plait.modalities.text import NUM_TOKEN, ByteTokenizer, WordPieceTokenizer, masked_mean, minilm_folder
 
 
 class TextEncoderOptions(TrainingControl):
-    pretrained: str | None = Field(None, description="local model folder, or 'minilm'")
+    pretrained: str | None = Field(None, description="a local transformers model folder (any AutoModel, with its "
+                                   "tokenizer.json or vocab.txt), or 'minilm'")
     tokenizer: Literal["wordpiece", "bytes"] = Field(
         "wordpiece", description="wordpiece: MiniLM's 30,522 pieces; bytes: 257 ids, for small models")
     hidden: int = Field(128, ge=8)
@@ -40,11 +42,11 @@ class TextEncoder(nn.Module):
             if options.tokenizer != "wordpiece":
                 raise ConfigError("plugins.text_encoder.tokenizer: a pretrained model keeps its own tokenizer; "
                                   "'bytes' is only for models built from a config")
-            if not Path(folder).is_dir():
-                raise ConfigError(f"plugins.text_encoder.pretrained: model folder '{folder}' not found")
+            hf_folder(folder, "plugins.text_encoder.pretrained")
             self.tokenizer: WordPieceTokenizer | ByteTokenizer = WordPieceTokenizer(folder, options.max_length)
             self.num_id = self._add_num_token(options)
-            self.model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+            self.model = load_hf_model(folder, "plugins.text_encoder.pretrained")
+            self.pretrained_folder: Path | None = Path(folder)
             if getattr(self.model, "pooler", None) is not None:  # this encoder mean-pools the hidden states:
                 self.model.pooler = None  # the pooler would be dead weight, and unused parameters under DDP
             if self.model.config.vocab_size < self.tokenizer.vocab_size:
@@ -60,8 +62,19 @@ class TextEncoder(nn.Module):
                 hidden_dropout_prob=options.dropout, attention_probs_dropout_prob=options.dropout,
             )
             self.model = BertModel(config, add_pooling_layer=False)
+            self.pretrained_folder = None
         self.out_dim = self.model.config.hidden_size
         self.attention_mask: torch.Tensor | None = None
+
+    def plait_save_native(self, folder: Path) -> None:
+        """An HF model folder (config, safetensors, tokenizer) that ``transformers.AutoModel`` and
+        ``AutoTokenizer`` read; its mean-pooled last hidden states are this encoder's output."""
+        self.model.save_pretrained(str(folder))
+        if isinstance(self.tokenizer, WordPieceTokenizer):
+            self.tokenizer.save(folder)
+        else:  # 257 byte ids: no transformers tokenizer reads them
+            (folder / "TOKENIZER.md").write_text("Token ids are the text's lower-cased UTF-8 bytes plus 1 (0 pads), "
+                                                 f"at most {self.tokenizer.max_length}.\n", encoding="utf-8")
 
     def plait_blocks(self) -> list[nn.Module]:
         """The transformer layers (``encoder.layer`` of BERT-like models): FSDP units and checkpointed blocks."""
