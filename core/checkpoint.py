@@ -7,6 +7,10 @@ optimizer: torch.distributed.checkpoint's files, one per worker. Either is writt
 temporary folder and renamed into place, so a folder with that name is complete. Nothing is
 unpickled when loading the full format; DCP's ``.metadata`` is a pickle, so a sharded
 checkpoint is one to trust as code.
+
+A model whose plain module has ``plait_rebuilt_weights`` (a set of names) is saved without those: the
+plugin that sets it rebuilds them exactly from the config (``lora``'s frozen base, read again from its
+pretrained folder, its digest checked on resume), so a checkpoint holds what training changed.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from .distributed import barrier, sync_buffers, unwrap
 from .errors import DataError, PlaitError
 
 __all__ = ["PREFIX", "SHARDS", "CheckpointError", "export", "latest", "list_checkpoints", "load", "model_weights",
-           "regroup", "save", "save_sharded", "weights_digest", "what_is_kept"]
+           "rebuilt_weights", "regroup", "save", "save_sharded", "weights_digest", "what_is_kept"]
 
 
 class CheckpointError(PlaitError):
@@ -81,13 +85,25 @@ def _packed(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in weights.items()}
 
 
+def rebuilt_weights(model: torch.nn.Module) -> frozenset[str]:
+    """The names of the weights checkpoints leave out (see the module docstring)."""
+    names: frozenset[str] = getattr(unwrap(model), "plait_rebuilt_weights", frozenset())
+    return names
+
+
+def _saved(model: torch.nn.Module, weights: dict[str, Any]) -> dict[str, Any]:
+    rebuilt = rebuilt_weights(model)
+    return {name: value for name, value in weights.items() if name not in rebuilt}
+
+
 def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full, unsharded weights of ``model`` (plain, DDP or FSDP) on the CPU, under the
-    plain module's names. Collective under FSDP: every worker calls it; only rank 0 gets them."""
+    plain module's names, but for ``rebuilt_weights``. Collective under FSDP: every worker calls it;
+    only rank 0 gets them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {name: value for name, value in weights.items() if isinstance(value, torch.Tensor)}
+    return {name: value for name, value in _saved(model, weights).items() if isinstance(value, torch.Tensor)}
 
 
 def save(checkpoints_dir: Path, step: int, weights: dict[str, torch.Tensor], trainer_state: dict[str, Any],
@@ -165,7 +181,8 @@ def save_sharded(checkpoints_dir: Path, step: int, model: torch.nn.Module, optim
         _start_writing(checkpoints_dir, tmp)
     barrier()
     sync_buffers(model)  # buffers are not sharded: every worker saves rank 0's, as the full format keeps them
-    states = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    states = {"model": _saved(model, get_model_state_dict(model)),
+              "optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.save(_contiguous(states), checkpoint_id=str(tmp / SHARDS))
     if is_main:
         try:
@@ -182,6 +199,7 @@ def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.opti
     load it: DCP reads each tensor's pieces by name and offset."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
         set_model_state_dict,
@@ -191,7 +209,7 @@ def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.opti
     shards = checkpoint / SHARDS
     if not (shards / ".metadata").is_file():
         raise DataError(f"{checkpoint}: the sharded checkpoint is incomplete (no {SHARDS}/.metadata)")
-    states: dict[str, Any] = {"model": get_model_state_dict(model)}
+    states: dict[str, Any] = {"model": _saved(model, get_model_state_dict(model))}
     if optimizer is not None:
         states["optimizer"] = get_optimizer_state_dict(model, optimizer)
     written = _contiguous(states)
@@ -201,7 +219,7 @@ def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.opti
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise DataError(f"{checkpoint}: the sharded checkpoint cannot be read ({first[:200]})") from None
     states = _as_before(written, states)
-    set_model_state_dict(model, states["model"])
+    set_model_state_dict(model, states["model"], options=StateDictOptions(strict=not rebuilt_weights(model)))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, regroup(states["optimizer"], model, optimizer))
 
@@ -259,7 +277,7 @@ def export(checkpoint: Path, model: torch.nn.Module) -> Path:
     eval``, ``compress`` and distillation read."""
     target = checkpoint / "model.safetensors"
     tmp = checkpoint / f"{TMP_PREFIX}model-{os.getpid()}.safetensors"
-    save_file(_packed(model.state_dict()), str(tmp))
+    save_file(_packed(_saved(model, model.state_dict())), str(tmp))
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, target)
@@ -321,6 +339,7 @@ def load(checkpoint: Path, model: torch.nn.Module, device: torch.device | str = 
     except RuntimeError as exc:  # shapes differ
         details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
         raise DataError(misfit.format("; ".join(details[:3]))) from None
+    missing = set(missing) - rebuilt_weights(model)
     if missing or unexpected:
         raise DataError(misfit.format(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"))
     return trainer

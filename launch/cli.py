@@ -85,6 +85,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from plait.core.runs import load_run
 
     run_dir = Path(args.run_dir)
+    if args.format == "hf":
+        from plait.launch.export import export_hf
+
+        print(f"{export_hf(run_dir, Path(args.out) if args.out else None)}: written")
+        return 0
     newest = checkpoint.latest(run_dir / "checkpoints")
     if newest is not None and not (newest / checkpoint.SHARDS).is_dir():
         print(f"{newest}: already in the full format (model.safetensors)")
@@ -239,8 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cmd.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan_cmd.set_defaults(func=cmd_plan)
 
-    export = sub.add_parser("export", help="write a sharded run's newest checkpoint as one model.safetensors")
+    export = sub.add_parser("export", help="full: write a sharded run's newest checkpoint as one "
+                            "model.safetensors; hf: each tower in its native format (LoRA merged), the fusion, the "
+                            "head and a model card")
     export.add_argument("run_dir")
+    export.add_argument("--format", choices=["full", "hf"], default="full")
+    export.add_argument("--out", help="hf: the folder to write (default: RUN_DIR/export)")
     export.set_defaults(func=cmd_export)
 
     compress = sub.add_parser("compress", help="compress a run folder (quantize, distill...) into a new one")
