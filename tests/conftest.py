@@ -47,3 +47,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def bert_folder(path: Path, intermediate: int = 64) -> Path:
+    """A small BERT with MiniLM's tokenizer, saved as a downloaded model folder is laid out."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from plait.modalities.text import minilm_folder
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=intermediate)).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (minilm_folder() / name).is_file():
+            shutil.copy(minilm_folder() / name, path / name)
+    return path

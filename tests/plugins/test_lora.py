@@ -6,8 +6,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import bert_folder
 from safetensors.torch import load_file
-from test_pretrained import bert_folder, hf_text_embeddings
+from test_pretrained import hf_text_embeddings
 
 from plait.core.checkpoint import weights_digest
 from plait.core.distributed import unwrap

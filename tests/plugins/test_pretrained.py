@@ -3,17 +3,15 @@
 written back by the encoder's ``plait_save_native`` and reloaded outside plait."""
 import json
 import re
-import shutil
 
 import pytest
 import timm
 import torch
+from conftest import bert_folder
 from safetensors.torch import save_file
 from transformers import (
     AutoModel,
     AutoTokenizer,
-    BertConfig,
-    BertModel,
     ViTConfig,
     ViTModel,
     Wav2Vec2Config,
@@ -24,24 +22,13 @@ from transformers import (
 )
 
 from plait.core.errors import ConfigError
-from plait.modalities.text import masked_mean, minilm_folder
+from plait.modalities.text import masked_mean
 from plait.plugins.audio_encoder import HFAudioEncoder
 from plait.plugins.image_encoder import HFImageEncoder, ImageEncoder, ImageEncoderOptions
 from plait.plugins.text_encoder import TextEncoder, TextEncoderOptions
 
 pytestmark = pytest.mark.timeout(120)
 TEXTS = ["chest pain on exertion", "fracture of the left radius", "a"]
-
-
-def bert_folder(path, intermediate=64):
-    """A small BERT with MiniLM's tokenizer, saved as a downloaded model folder is laid out."""
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=intermediate)).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (minilm_folder() / name).is_file():
-            shutil.copy(minilm_folder() / name, path / name)
-    return path
 
 
 def hf_text_embeddings(folder, texts):
