@@ -33,8 +33,9 @@ NF4_BLOCK = 64  # torchao's NF4 block size: a weight quantizes when its size is 
 class LoraOptions(Options):
     targets: list[str] = Field(
         default_factory=lambda: ["encoders.text.*.query", "encoders.text.*.value"],
-        description="module name patterns (fnmatch, over the model's module names; `plait plan` lists them): "
-        "each must match at least one linear, convolution or embedding")
+        description="module name patterns (fnmatch, over the model's module names, such as "
+        "encoders.text.model.encoder.layer.0.attention.self.query): each must match at least one linear, "
+        "convolution or embedding")
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0, description="the adapters' output is scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
