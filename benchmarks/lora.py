@@ -98,7 +98,9 @@ class PeakProbe:
         self.hooks: Any = None
 
     def _pack(self, tensor: Any) -> Any:
-        if type(tensor).__name__ != "NF4Tensor" and not isinstance(tensor, __import__("torch").nn.Parameter):
+        import torch
+
+        if type(tensor).__name__ != "NF4Tensor" and not isinstance(tensor, torch.nn.Parameter):
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in self.weights:
                 self.saved[storage.data_ptr()] = storage.nbytes()

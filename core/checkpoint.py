@@ -28,7 +28,7 @@ from .distributed import barrier, sync_buffers, unwrap
 from .errors import DataError, PlaitError
 
 __all__ = ["PREFIX", "SHARDS", "CheckpointError", "export", "latest", "list_checkpoints", "load", "model_weights",
-           "rebuilt_weights", "regroup", "save", "save_sharded", "weights_digest", "what_is_kept"]
+           "packed", "rebuilt_weights", "regroup", "save", "save_sharded", "weights_digest", "what_is_kept"]
 
 
 class CheckpointError(PlaitError):
@@ -79,7 +79,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _packed(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def packed(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous copies on the CPU: safetensors refuses views, shared storage (tied weights are stored
     twice) and other strides (a statically quantized convolution's weight can come out channels-last)."""
     return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in weights.items()}
@@ -116,7 +116,7 @@ def save(checkpoints_dir: Path, step: int, weights: dict[str, torch.Tensor], tra
     tmp = checkpoints_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     try:
         _start_writing(checkpoints_dir, tmp)
-        save_file(_packed(weights), str(tmp / "model.safetensors"))
+        save_file(packed(weights), str(tmp / "model.safetensors"))
         _finish_writing(checkpoints_dir, tmp, final, trainer_state)
     except (OSError, SafetensorError) as exc:  # safetensors reports its I/O errors as its own type
         raise _not_written(checkpoints_dir, tmp, final, exc) from None
@@ -277,7 +277,7 @@ def export(checkpoint: Path, model: torch.nn.Module) -> Path:
     eval``, ``compress`` and distillation read."""
     target = checkpoint / "model.safetensors"
     tmp = checkpoint / f"{TMP_PREFIX}model-{os.getpid()}.safetensors"
-    save_file(_packed(_saved(model, model.state_dict())), str(tmp))
+    save_file(packed(_saved(model, model.state_dict())), str(tmp))
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, target)

@@ -99,9 +99,9 @@ class MultimodalModel(nn.Module):
             encoder.train(was_training)
 
 
-def part_of(model: nn.Module, kind: type[nn.Module], *path: str) -> nn.Module | None:
+def part_of(model: nn.Module, kind: type[nn.Module] | tuple[type[nn.Module], ...], *path: str) -> nn.Module | None:
     """The submodule at ``path`` (attribute names or ``ModuleDict`` keys: ``"encoders", "text"``) if it is a
-    ``kind``, else None: how a plugin finds the part it built in the model a run assembled."""
+    ``kind`` (or one of several), else None: how a plugin finds the part it built in the model a run assembled."""
     found: Any = model
     for name in path:
         if isinstance(found, nn.ModuleDict):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from plait.core import hookspecs
+from plait.core import checkpoint, hookspecs
 from plait.core.report import markdown_table
 from plait.core.runs import RUN_INFO, load_run
 
@@ -24,8 +24,7 @@ __all__ = ["export_hf"]
 
 
 def _save_tensors(module: torch.nn.Module, path: Path) -> None:
-    weights = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in module.state_dict().items()}
-    save_file(weights, str(path))
+    save_file(checkpoint.packed(module.state_dict()), str(path))
 
 
 def export_hf(run_dir: Path, out: Path | None = None) -> Path:

@@ -144,6 +144,5 @@ def plait_build_encoder(modality, config):
 
 @hookimpl
 def plait_parameter_groups(model, config):
-    encoder = part_of(model, nn.Module, "encoders", "audio")
-    encoder = encoder if isinstance(encoder, (AudioEncoder, HFAudioEncoder)) else None
+    encoder = part_of(model, (AudioEncoder, HFAudioEncoder), "encoders", "audio")
     return [config.options(AudioEncoderOptions).group("audio", encoder)] if encoder is not None else None

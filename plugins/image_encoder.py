@@ -128,6 +128,5 @@ def plait_build_encoder(modality, config):
 
 @hookimpl
 def plait_parameter_groups(model, config):
-    encoder = part_of(model, nn.Module, "encoders", "image")
-    encoder = encoder if isinstance(encoder, (ImageEncoder, HFImageEncoder)) else None
+    encoder = part_of(model, (ImageEncoder, HFImageEncoder), "encoders", "image")
     return [config.options(ImageEncoderOptions).group("image", encoder)] if encoder is not None else None

@@ -55,7 +55,7 @@ class _Adapted:
 ADAPTED = StashKey[_Adapted]()
 
 
-def _parts(model: nn.Module, targets: list[str]) -> list[str]:
+def _parts(targets: list[str]) -> list[str]:
     """The parts of the model that hold the targets: ``encoders.NAME``, or a top-level module."""
     parts = []
     for name in targets:
@@ -82,7 +82,7 @@ def _in(name: str, parts: list[str]) -> bool:
     return any(name == part or name.startswith(f"{part}.") for part in parts)
 
 
-def _quantize_base(model: nn.Module, parts: list[str], targets: list[str]) -> int:
+def _quantize_base(model: nn.Module, parts: list[str]) -> int:
     """The linear weights of the adapted parts as frozen NF4 tensors; the number quantized."""
     from torchao.quantization import NF4Tensor
 
@@ -111,14 +111,14 @@ def plait_configure_model(model, config, plugins):
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = _targets(model, options.targets)
-    parts = _parts(model, targets)
+    parts = _parts(targets)
     was_trained = {name: param.requires_grad for name, param in model.named_parameters() if not _in(name, parts)}
     base = {name: value for name, value in model.state_dict().items() if _in(name, parts)}
     sources = {name: module.plait_pretrained for name, module in model.named_modules()
                if _in(name, parts) and isinstance(getattr(module, "plait_pretrained", None), str)}
     adapted = _Adapted(weights_digest(base), sources)
     plugins.stash[ADAPTED] = adapted
-    quantized = _quantize_base(model, parts, targets) if options.quantize_base == "nf4" else 0
+    quantized = _quantize_base(model, parts) if options.quantize_base == "nf4" else 0
     lora = LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
                       target_modules=targets, use_dora=options.dora)
     model = inject_adapter_in_model(lora, model)

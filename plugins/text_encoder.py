@@ -14,7 +14,7 @@ from plait.core.errors import ConfigError
 from plait.core.hookspecs import hookimpl
 from plait.core.model import part_of
 from plait.core.optim import TrainingControl
-from plait.modalities.pretrained import hf_folder, load_hf_model
+from plait.modalities.pretrained import load_hf_model
 from plait.modalities.text import NUM_TOKEN, ByteTokenizer, WordPieceTokenizer, masked_mean, minilm_folder
 
 
@@ -42,11 +42,9 @@ class TextEncoder(nn.Module):
             if options.tokenizer != "wordpiece":
                 raise ConfigError("plugins.text_encoder.tokenizer: a pretrained model keeps its own tokenizer; "
                                   "'bytes' is only for models built from a config")
-            hf_folder(folder, "plugins.text_encoder.pretrained")
+            self.model = load_hf_model(folder, "plugins.text_encoder.pretrained")  # the folder's checks first
             self.tokenizer: WordPieceTokenizer | ByteTokenizer = WordPieceTokenizer(folder, options.max_length)
             self.num_id = self._add_num_token(options)
-            self.model = load_hf_model(folder, "plugins.text_encoder.pretrained")
-            self.pretrained_folder: Path | None = Path(folder)
             if getattr(self.model, "pooler", None) is not None:  # this encoder mean-pools the hidden states:
                 self.model.pooler = None  # the pooler would be dead weight, and unused parameters under DDP
             if self.model.config.vocab_size < self.tokenizer.vocab_size:
@@ -62,7 +60,6 @@ class TextEncoder(nn.Module):
                 hidden_dropout_prob=options.dropout, attention_probs_dropout_prob=options.dropout,
             )
             self.model = BertModel(config, add_pooling_layer=False)
-            self.pretrained_folder = None
         self.out_dim = self.model.config.hidden_size
         self.attention_mask: torch.Tensor | None = None
 

@@ -51,7 +51,15 @@ def _distributed(rank: int, strategy: str, config) -> Distributed:
                        device=torch.device("cpu"), lockstep=strategy == "fsdp")
 
 
-def _worker(rank: int, port: int, configs: dict, results: dict) -> None:
+def _summary(state) -> dict:
+    params = list(state.model.parameters())
+    return {"test": state.metrics["test"], "total": sum(p.numel() for p in params),
+            "dtypes": sorted({str(p.dtype) for p in params}),
+            "local": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)}
+
+
+def _worker(rank: int, port: int, configs: dict, results: dict, summary=_summary) -> None:
+    """Rank ``rank`` of 2 gloo workers: train each config in turn; ``summary(state)`` of each, or its error."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     out = {}
@@ -62,10 +70,7 @@ def _worker(rank: int, port: int, configs: dict, results: dict) -> None:
         except RuntimeError as exc:
             out[run] = {"error": str(exc)}
             continue
-        params = list(state.model.parameters())
-        out[run] = {"test": state.metrics["test"], "total": sum(p.numel() for p in params),
-                    "dtypes": sorted({str(p.dtype) for p in params}),
-                    "local": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)}
+        out[run] = summary(state)
     dist.destroy_process_group()
     results[rank] = out
 

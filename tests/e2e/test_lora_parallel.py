@@ -3,40 +3,25 @@ DDP and under FSDP2 the adapters train and the frozen base does not; FSDP shards
 checkpoint formats hold no base weight; a stopped FSDP run resumes bitwise."""
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from conftest import TINY_PLUGINS, bert_folder, free_port
 from safetensors.torch import load_file
-from test_fsdp import _distributed
+from test_fsdp import _worker
 
 from plait.core import checkpoint
-from plait.core.loop import fit
-from plait.core.runs import load
 
 pytestmark = pytest.mark.slow
 TEXT = "encoders.text."
 
 
-def _worker(rank: int, port: int, configs: dict, results: dict) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    out = {}
-    for run, (path, strategy) in configs.items():
-        config, plugins = load(path, [])
-        try:
-            state = fit(config, plugins, _distributed(rank, strategy, config))
-        except RuntimeError as exc:
-            out[run] = {"error": str(exc)}
-            continue
-        named = [(n.replace("module.", "", 1), p) for n, p in state.model.named_parameters() if n.find(TEXT) >= 0]
-        frozen = [p for n, p in named if not p.requires_grad]
-        out[run] = {"trainable": sorted(n for n, p in named if p.requires_grad),
-                    "frozen_total": sum(p.numel() for p in frozen),
-                    "frozen_local": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen),
-                    "loss": state.metrics["train"]["loss"], "test": state.metrics["test"]["fused"]}
-    dist.destroy_process_group()
-    results[rank] = out
+def _summary(state) -> dict:
+    named = [(n.replace("module.", "", 1), p) for n, p in state.model.named_parameters() if n.find(TEXT) >= 0]
+    frozen = [p for n, p in named if not p.requires_grad]
+    return {"trainable": sorted(n for n, p in named if p.requires_grad),
+            "frozen_total": sum(p.numel() for p in frozen),
+            "frozen_local": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen),
+            "loss": state.metrics["train"]["loss"], "test": state.metrics["test"]["fused"]}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +49,7 @@ def runs(tmp_path_factory):
     }
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(free_port(), configs, results), nprocs=2)
+        mp.spawn(_worker, args=(free_port(), configs, results, _summary), nprocs=2)
         return {"root": root, **dict(results)}
 
 
