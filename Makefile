@@ -14,7 +14,7 @@ EXAMPLES := examples/plait-ema examples/plait-tensorboard
 $(STAMP): pyproject.toml requirements.txt $(addsuffix /pyproject.toml,$(EXAMPLES))
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.txt -e '.[test,bench,quantize,domains,lint]' $(addprefix -e ,$(EXAMPLES))
+	$(BIN)/python -m pip install --quiet -c requirements.txt -e '.[test,bench,quantize,domains,lint,trackers]' $(addprefix -e ,$(EXAMPLES))
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -34,7 +34,7 @@ from plait.launch import ray_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_STEP = ["plait_batch_start", "plait_loss_terms", "plait_after_backward", "plait_batch_end"]
-PER_LOG = ["plait_train_metrics", "plait_log_metrics"]
+PER_LOG = ["plait_train_metrics", "plait_count_tokens", "plait_log_metrics"]
 ARGUMENTS = {"state": None, "batch": None, "outputs": None, "loss": None, "metrics": {}, "step": 0}
 
 

@@ -55,6 +55,9 @@ class RunSettings(Options):
         "each worker writes its own shards (torch.distributed.checkpoint), nothing is gathered, and the run "
         "resumes on any number of workers (`plait export` writes model.safetensors for eval and compress)")
     grad_accumulation: int = Field(1, ge=1, description="batches per optimizer step")
+    peak_tflops: float | None = Field(None, gt=0, description="each device's peak TFLOP/s at run.precision, what "
+                                      "MFU divides by (default: the GPU data-sheet table, or on the CPU a matmul "
+                                      "measured once)")
     max_nonfinite_steps: int = Field(10, ge=0, description="optimizer steps skipped for a NaN/Inf loss or "
                                      "gradient before the run stops (0: stop at the first)")
     init_from: str | None = Field(None, description="a run folder whose newest weights start this run "

@@ -46,6 +46,7 @@ run (gradient accumulation, a skipped step, a resume, two Ray workers) against t
                     plait_batch_end               in reverse; the optimizer stepped, state.step += 1
                     if state.step % run.log_every == 0:
                         plait_train_metrics
+                        plait_count_tokens
                         plait_log_metrics(split="train")    main process only
                     if state.step % run.checkpoint_every == 0 and the epoch goes on:
                         plait_state_dict
@@ -75,7 +76,8 @@ API history: 1.0 the first contract; 1.1 added ``plait_build_model``, ``plait_tr
 ``plait_checkpoint_saved``, ``plait_teacher`` and the ``metrics`` argument of ``plait_eval_metrics``;
 1.2 the ``plugins`` argument of ``plait_configure_model``; 1.3 ``plait_compress``; 1.4 the ``split``
 and ``modalities`` arguments of ``plait_eval_batch`` and ``plait_eval_metrics``, and
-``plugins.stash`` for per-run objects; 1.5 ``plait_parameter_groups`` and ``plait_export_model``.
+``plugins.stash`` for per-run objects; 1.5 ``plait_parameter_groups`` and ``plait_export_model``;
+1.6 ``plait_count_tokens`` (tokens/s in the training rows).
 
 Its length (over 400 lines) is deliberate: it is the whole contract, the drawing and one docstring a
 hook, read top to bottom as the reference (``plait hooks``).
@@ -102,7 +104,7 @@ PROJECT = "plait"
 #: The version of this hook contract. A plugin may declare the range it supports as a module
 #: attribute, ``PLAIT_API = ">=1.1,<2"``; a plait outside that range refuses it by name.
 #: Minor: hooks or arguments added; major: a hook removed or its meaning changed.
-API_VERSION = "1.5"
+API_VERSION = "1.6"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
@@ -286,6 +288,16 @@ def plait_train_metrics(state: RunState) -> dict[str, float] | None:
     """Return values to log with this training row (every ``run.log_every`` steps), e.g. an
     average since the last row. Each plugin, on every worker; each value is averaged over the
     workers.
+
+    :param state: the run state.
+    """
+
+
+@hookspec
+def plait_count_tokens(state: RunState) -> int | None:
+    """Return how many real (not padding) tokens this worker's training forwards have read since
+    the last call, for the row's ``tokens_per_s``; None where the plugin reads no tokens. Each
+    plugin, on every worker, when a training row is logged; the counts are summed.
 
     :param state: the run state.
     """

@@ -44,6 +44,7 @@ from .resume import forget_rows_after, init_from, restore, save_checkpoint
 from .runs import RUN_INFO, run_dir_for
 from .state import RunState
 from .step import MicroBatch, autocast, densify_gradients, grad_norm, loss_terms, skip_nonfinite, train_row
+from .throughput import EnergyMeter, Peak, count_flops, device_peak, efficiency, energy_figures
 
 __all__ = ["fit", "log_metrics"]
 
@@ -60,6 +61,10 @@ class _Training:
     sparse_params: list[torch.nn.Parameter]  # embeddings whose gradients arrive sparse
     reduce_gradients: Callable[[torch.nn.Module], None]  # Distributed.reduce_gradients
     frozen: list[torch.nn.Module] = field(default_factory=list)  # kept in eval mode: their statistics too stay
+    peak: Peak = field(default_factory=lambda: Peak(None, "not measured"))  # this worker's device
+    peak_tflops: float | None = None  # every worker's together: what MFU divides by
+    flops_per_sample: float | None = None  # counted on one training batch of this process
+    batches_run: int = 0  # training batches this process has run
 
 
 def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) -> RunState:
@@ -71,6 +76,8 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
     state, training, skip = _start(config, plugins, dist or Distributed())
     plugins.call_each(hookspecs.plait_fit_start, state=state)
     training.buffers = list(state.model.buffers())
+    meter = EnergyMeter(state.device)
+    energy_at_start = all_gather(meter.read())
     started, samples_seen = time.perf_counter(), 0
     while state.epoch < config.run.epochs and state.step < state.total_steps:
         plugins.call_each(hookspecs.plait_epoch_start, state=state)
@@ -83,6 +90,10 @@ def fit(config: PlaitConfig, plugins: Plugins, dist: Distributed | None = None) 
         save_checkpoint(state, batches_done)
         state.epoch += 1
     _finish(state, training, time.perf_counter() - started, samples_seen)
+    seen = state.metrics["run"]["samples"]
+    state.metrics["run"].update(energy_figures(meter, energy_at_start, all_gather(meter.read()), seen))
+    if state.is_main:
+        write_json_atomic(state.run_dir / "metrics.json", state.metrics["run"])
     plugins.call_each(hookspecs.plait_fit_end, state=state)
     return state
 
@@ -117,6 +128,9 @@ def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[Ru
     seed_everything(run.seed + dist.data_rank)
     training = _loaders(config, dist, model, train_set, splits)
     training.frozen = [claim.group.module for claim in claims if claim.group.freeze]
+    training.peak = device_peak(device, run.precision, run.peak_tflops)
+    peaks = all_gather(training.peak.tflops)
+    training.peak_tflops = None if None in peaks else sum(peaks)
     state = _run_state(config, plugins, dist, device, model, build_optimizer(model, claims, run), train_set,
                        len(training.train))
     skip = 0
@@ -180,7 +194,14 @@ def _train_epoch(state: RunState, training: _Training, skip: int) -> tuple[int, 
         if not micro:
             plugins.call_each(hookspecs.plait_batch_start, state=state, batch=batch)
             saved_buffers = [b.detach().clone() for b in training.buffers]
-        outputs, loss = _forward_backward(state, batch, micro, sync=last_of_step)
+        training.batches_run += 1
+        if training.flops_per_sample is None and training.batches_run > int(run.compile):
+            # once, on a real batch; under run.compile the second, as the first compiles (and a compiled
+            # region runs eagerly while the counter watches, so it must not be the one that compiles)
+            flops, (outputs, loss) = count_flops(_forward_backward, state, batch, micro, sync=last_of_step)
+            training.flops_per_sample = flops / micro[-1].samples
+        else:
+            outputs, loss = _forward_backward(state, batch, micro, sync=last_of_step)
         if not last_of_step:
             continue
         stepped = _optimizer_step(state, training, micro, saved_buffers)
@@ -190,7 +211,9 @@ def _train_epoch(state: RunState, training: _Training, skip: int) -> tuple[int, 
             plugins.call_each(hookspecs.plait_batch_end, state=state, batch=batch, outputs=outputs, loss=loss)
             if state.step % run.log_every == 0:
                 now = time.perf_counter()
-                state.metrics["train"] = train_row(state, micro, window_samples, now - window_start)
+                row = train_row(state, micro, window_samples, now - window_start)
+                state.metrics["train"] = {**row, **efficiency(training.flops_per_sample, row["samples_per_s"],
+                                                                      training.peak_tflops)}
                 window_start, window_samples = now, 0
                 log_metrics(state, {"split": "train", **state.metrics["train"]})
         micro = []
@@ -246,11 +269,23 @@ def _optimizer_step(state: RunState, training: _Training, micro: list[MicroBatch
 
 
 def _finish(state: RunState, training: _Training, train_seconds: float, samples_seen: int) -> None:
-    """Test metrics by modality, and the run's figures in ``state.metrics["run"]`` and metrics.json."""
+    """Test metrics by modality, and the run's figures in ``state.metrics["run"]`` (``fit`` adds energy
+    and writes them to metrics.json)."""
     seen = int(all_reduce_sum([samples_seen])[0]) // state.tensor_parallel  # a TP group's samples count once
-    results: dict[str, Any] = {"world_size": state.world_size, "steps": state.step,
-                               "train_seconds": round(train_seconds, 2),
-                               "samples_per_s": round(seen / max(train_seconds, 1e-9), 1)}
+    speed = seen / max(train_seconds, 1e-9)
+    results: dict[str, Any] = {"world_size": state.world_size, "steps": state.step, "samples": seen,
+                               "train_seconds": round(train_seconds, 2), "samples_per_s": round(speed, 1)}
+    if "tokens_per_s" in state.metrics.get("train", {}):
+        results["tokens_per_s"] = state.metrics["train"]["tokens_per_s"]  # the last logged window's
+    counted = all_gather(training.flops_per_sample)[0]  # rank 0's count, so that every worker reports one figure
+    results["flops_per_sample"] = None if counted is None else round(counted)
+    results["flops_counted"] = (f"a forward and backward of the {'second' if state.config.run.compile else 'first'} "
+                                "training batch (FlopCounterMode)"
+                                + ("; includes the recomputed forward of activation checkpointing"
+                                   if state.config.run.activation_checkpointing != "none" else ""))
+    results.update(efficiency(counted, speed, training.peak_tflops) or {"achieved_tflops": None, "mfu": None})
+    results["peak_tflops"] = training.peak_tflops
+    results["peak_tflops_source"] = training.peak.source
     if state.device.type == "cuda":
         results["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(state.device) / 2**20, 1)
     results["peak_memory_mb"] = all_gather(peak_memory_mb(state.device))  # one entry per worker, by rank
@@ -259,8 +294,6 @@ def _finish(state: RunState, training: _Training, train_seconds: float, samples_
     if "test" in training.evaluation:
         state.metrics["test"] = results["test"] = evaluate_by_modality(state, training.evaluation["test"])
     state.metrics["run"] = results
-    if state.is_main:
-        write_json_atomic(state.run_dir / "metrics.json", results)
 
 
 def log_metrics(state: RunState, metrics: dict[str, Any]) -> None:

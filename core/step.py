@@ -12,7 +12,7 @@ from typing import Any, cast
 import torch
 
 from . import checkpoint, hookspecs
-from .distributed import all_gather, all_reduce_max, all_reduce_sum
+from .distributed import all_gather, all_reduce_max, all_reduce_sum, peak_memory_mb
 from .errors import PlaitError, PluginError
 from .parallel import local_tensor
 from .state import RunState
@@ -149,25 +149,33 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train_row(state: RunState, micro: list[MicroBatch], window_samples: int, window_s: float) -> dict[str, float]:
+def train_row(state: RunState, micro: list[MicroBatch], window_samples: int, window_s: float) -> dict[str, Any]:
     """The training row of this step, averaged over the workers (collective).
 
     A loss term may be missing from one worker's batches (no pair for a contrastive loss): the
     workers agree on the names first, then average each over the workers and batches that had it.
-    Plugins' ``plait_train_metrics`` count once per worker."""
+    Plugins' ``plait_train_metrics`` count once per worker. Samples and the tokens plugins count
+    (``plait_count_tokens``) are summed into rates; each worker's peak memory is listed by rank."""
     sums: dict[str, tuple[float, int]] = {}
     for name in {n for batch in micro for n in batch.terms}:
         had = [batch.terms[name].item() for batch in micro if name in batch.terms]
         sums[name] = (sum(had), len(had))
     for extra in state.plugins.call_each(hookspecs.plait_train_metrics, state=state).values():
         sums.update({n: (float(v), 1) for n, v in (extra or {}).items()})
-    names = sorted(set().union(*all_gather(sorted(sums))))
-    local = [sum(batch.loss.item() for batch in micro) / len(micro), float(window_samples)]
+    counted = [n for n in state.plugins.call_each(hookspecs.plait_count_tokens, state=state).values() if n is not None]
+    gathered = all_gather((sorted(sums), bool(counted), peak_memory_mb(state.device)))
+    names = sorted(set().union(*(worker[0] for worker in gathered)))
+    local = [sum(batch.loss.item() for batch in micro) / len(micro), float(window_samples), float(sum(counted))]
     for name in names:
         local += sums.get(name, (0.0, 0))
-    loss_sum, samples, *totals = all_reduce_sum(local)
+    loss_sum, samples, tokens, *totals = all_reduce_sum(local)
     averaged = {name: total / max(1.0, count) for name, total, count in zip(names, totals[0::2], totals[1::2],
                                                                                 strict=True)}
     assert state.scheduler is not None
-    return {"loss": loss_sum / state.world_size, **averaged, "lr": float(state.scheduler.get_last_lr()[0]),
-            "samples_per_s": samples / state.tensor_parallel / max(window_s, 1e-9)}
+    row: dict[str, Any] = {"loss": loss_sum / state.world_size, **averaged,
+                           "lr": float(state.scheduler.get_last_lr()[0]),
+                           "samples_per_s": samples / state.tensor_parallel / max(window_s, 1e-9)}
+    if any(worker[1] for worker in gathered):
+        row["tokens_per_s"] = tokens / state.tensor_parallel / max(window_s, 1e-9)
+    row["peak_memory_mb"] = [worker[2] for worker in gathered]
+    return row

@@ -10,6 +10,7 @@ from pydantic import Field
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from plait.core.distributed import unwrap
 from plait.core.errors import ConfigError
 from plait.core.hookspecs import hookimpl
 from plait.core.model import part_of
@@ -62,6 +63,7 @@ class TextEncoder(nn.Module):
             self.model = BertModel(config, add_pooling_layer=False)
         self.out_dim = self.model.config.hidden_size
         self.attention_mask: torch.Tensor | None = None
+        self.tokens_read = 0  # real tokens of the training forwards since plait_count_tokens last asked
 
     def plait_save_native(self, folder: Path) -> None:
         """An HF model folder (config, safetensors, tokenizer) that ``transformers.AutoModel`` and
@@ -112,6 +114,8 @@ class TextEncoder(nn.Module):
     def forward(self, inputs: dict) -> torch.Tensor:
         device = next(self.model.parameters()).device
         ids, mask = self.tokenizer(inputs["text"])
+        if self.training:
+            self.tokens_read += int(mask.sum())  # on the CPU still: no wait for the device
         ids, mask = ids.to(device), mask.to(device)
         self.attention_mask = mask  # the last forward's; token-level distillation reads it
         if self.num_id is None:
@@ -152,3 +156,12 @@ def plait_build_encoder(modality, config):
 def plait_parameter_groups(model, config):
     encoder = part_of(model, TextEncoder, "encoders", "text")
     return [config.options(TextEncoderOptions).group("text", encoder)] if encoder is not None else None
+
+
+@hookimpl
+def plait_count_tokens(state):
+    encoder = part_of(unwrap(state.model), TextEncoder, "encoders", "text")
+    if not isinstance(encoder, TextEncoder):
+        return None
+    tokens, encoder.tokens_read = encoder.tokens_read, 0
+    return tokens

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from plait.core import hookspecs
 from plait.core.data import ShardSampler, SkipSampler, epoch_loader, make_loader, move, only_modalities
 from plait.core.distributed import unwrap
 from plait.core.files import replaced_atomically, write_json_atomic
@@ -62,12 +63,17 @@ def test_lr_warms_up_linearly_then_follows_a_cosine_to_zero():
 
 def test_a_training_row_averages_each_term_over_the_batches_that_had_it():
     scheduler = SimpleNamespace(get_last_lr=lambda: [0.01])
-    plugins = SimpleNamespace(call_each=lambda hook, **kwargs: {"p": {"extra": 3}})
-    state = SimpleNamespace(plugins=plugins, scheduler=scheduler, world_size=1, tensor_parallel=1)
+    answers = {hookspecs.plait_train_metrics: {"p": {"extra": 3}}, hookspecs.plait_count_tokens: {"p": 12, "q": None}}
+    plugins = SimpleNamespace(call_each=lambda hook, **kwargs: answers[hook])
+    state = SimpleNamespace(plugins=plugins, scheduler=scheduler, world_size=1, tensor_parallel=1,
+                            device=torch.device("cpu"))
     micro = [MicroBatch(4, torch.tensor(2.0), {"ce": torch.tensor(1.0), "pair": torch.tensor(0.5)}),
              MicroBatch(4, torch.tensor(4.0), {"ce": torch.tensor(3.0)})]  # no pair in this batch
     row = train_row(state, micro, window_samples=8, window_s=2.0)
-    assert row == {"loss": 3.0, "ce": 2.0, "pair": 0.5, "extra": 3.0, "lr": 0.01, "samples_per_s": 4.0}
+    peaks = row.pop("peak_memory_mb")
+    assert row == {"loss": 3.0, "ce": 2.0, "pair": 0.5, "extra": 3.0, "lr": 0.01, "samples_per_s": 4.0,
+                   "tokens_per_s": 6.0}
+    assert len(peaks) == 1 and peaks[0]["rss"] > 0  # one worker's peak resident set, in MB
 
 
 def test_a_resume_forgets_the_rows_logged_after_its_checkpoint(tmp_path):
