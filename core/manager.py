@@ -122,8 +122,13 @@ def hook_name(hook: Hook) -> str:
     return hook if isinstance(hook, str) else hook.__name__
 
 
-def _call(impl: pluggy.HookImpl, hook: Hook, kwargs: dict[str, Any]) -> Any:
+def _call(impl: pluggy.HookImpl, hook: Hook, kwargs: dict[str, Any], ranges: bool = False) -> Any:
     try:
+        if ranges:  # a profiler records: each call is a named range in its trace
+            from torch.profiler import record_function
+
+            with record_function(f"{impl.plugin_name}.{hook_name(hook)}"):
+                return impl.function(*[kwargs[a] for a in impl.argnames])
         return impl.function(*[kwargs[a] for a in impl.argnames])
     except Exception as exc:
         exc.add_note(f"in plugin '{impl.plugin_name}', hook '{hook_name(hook)}'")
@@ -147,6 +152,8 @@ class Plugins:
         self.infos: dict[str, PluginInfo] = {}
         #: Per-run objects of the plugins (a distillation's teacher): ``plugins.stash[KEY]``.
         self.stash = Stash()
+        #: True while a profiler records (the profile plugin): each plugin's hook call is a named range.
+        self.profiled = False
         self._ordered: dict[Hook, list[pluggy.HookImpl]] = {}
 
     def load(self, names: Iterable[str]) -> Plugins:
@@ -222,19 +229,19 @@ class Plugins:
 
         An exception gets a note naming the plugin and hook, so a traceback says who failed.
         """
-        return {impl.plugin_name: _call(impl, hook, kwargs) for impl in self._in_order(hook)}
+        return {impl.plugin_name: _call(impl, hook, kwargs, self.profiled) for impl in self._in_order(hook)}
 
     def call_one(self, plugin_name: str, hook: Hook, **kwargs: Any) -> Any:
         """Call one plugin's implementation of a hook (None if it has none)."""
         for impl in self._in_order(hook):
             if impl.plugin_name == plugin_name:
-                return _call(impl, hook, kwargs)
+                return _call(impl, hook, kwargs, self.profiled)
         return None
 
     def chain(self, hook: Hook, value_arg: str, **kwargs: Any) -> Any:
         """Pass ``kwargs[value_arg]`` through every implementation in order; None keeps it."""
         for impl in self._in_order(hook):
-            result = _call(impl, hook, kwargs)
+            result = _call(impl, hook, kwargs, self.profiled)
             if result is not None:
                 kwargs[value_arg] = result
         return kwargs[value_arg]
@@ -242,7 +249,7 @@ class Plugins:
     def first(self, hook: Hook, **kwargs: Any) -> Any:
         """The first non-None result of a first-result hook, or None when no plugin answered."""
         for impl in self._in_order(hook):
-            result = _call(impl, hook, kwargs)
+            result = _call(impl, hook, kwargs, self.profiled)
             if result is not None:
                 return result
         return None
