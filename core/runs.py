@@ -16,7 +16,7 @@ from .manager import Plugins
 from .model import build_model
 from .state import RunState
 
-__all__ = ["RUN_INFO", "load", "load_run", "prepare", "run_dir_for"]
+__all__ = ["RUN_INFO", "artifacts", "load", "load_run", "prepare", "run_dir_for"]
 
 #: The run folder's record of what the model was trained on (classes, modalities, data shape).
 RUN_INFO = "run.json"
@@ -36,6 +36,15 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple
 
 def run_dir_for(config: PlaitConfig) -> Path:
     return Path(config.run.runs_dir) / config.run.name
+
+
+def artifacts(run_dir: Path) -> list[Path]:
+    """What an experiment tracker copies of a run folder: its files (config, metrics, plots,
+    report.md) and the profiler's folder; not the checkpoints (the model is logged on its own) nor
+    a tracker's own folder."""
+    return sorted(p for p in run_dir.iterdir()
+                  if (p.is_file() and not p.name.startswith("."))  # a dot: a file being written
+                  or (p.is_dir() and p.name == "profile"))
 
 
 def load_run(run_dir: Path, data: str | None = None) -> tuple[PlaitConfig, Plugins, RunState]:
