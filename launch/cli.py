@@ -123,6 +123,28 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     return run_preprocess(args.name, options, args.input, args.output, args.query, args.json)
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from plait.launch.compare import compare, find_runs, plot_runs
+
+    runs = find_runs(args.runs)
+    header, rows = compare(runs)
+    if args.json:
+        print(json.dumps({"header": header, "rows": rows}))
+    else:
+        table = Table(title="plait runs")
+        for i, column in enumerate(header):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+    if args.plot:
+        print(f"{plot_runs(runs, Path(args.plot))}: written")
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     if args.order:
         return _print_order(args)
@@ -286,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--pip-deps", action="store_true", help="--emit rayjob: install plait's dependencies, "
                         "pinned to this machine's versions, at the job's start (on Ray's own image by default)")
     launch.set_defaults(func=cmd_launch)
+
+    runs = sub.add_parser("runs", help="runs side by side: config differences, final metrics, speed, MFU")
+    runs.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or folders of run folders")
+    runs.add_argument("--plot", metavar="PNG", help="also draw their curves (loss, val accuracy, samples/s) here")
+    runs.add_argument("--json", action="store_true", help="the table as JSON")
+    runs.set_defaults(func=cmd_runs)
 
     plugins = sub.add_parser("plugins", help="list installed plugins")
     plugins.add_argument("--json", action="store_true")
