@@ -1,6 +1,6 @@
 """Speed and memory parity: plait against a hand-written PyTorch loop and PyTorch Lightning.
 
-    .venv/bin/python benchmarks/parity.py [--steps 80] [--warmup 10] [--rounds 5]
+    .venv/bin/python benchmarks/parity.py [--steps 80] [--warmup 10] [--rounds 5] [--variants plait,plait_mlflow]
 
 One model and data set for all three: plugins.yaml's fusion model on spoken_digits (clips synthesized
 once and cached), batches from the same DataLoader (plait's data set with the augment plugin's sample
@@ -8,16 +8,22 @@ transforms). Each trains `--steps` optimizer steps (AdamW fused, lr 2e-3, gradie
 the fusion plugin's loss: cross-entropy plus 0.1 x the contrastive term) in its own process:
 (a) a plain loop, (b) plait in-process (`core.loop.fit`, the default plugin set: progress bar, curves,
 metrics.jsonl every 10 steps), (c) a LightningModule with Lightning's Trainer (progress bar on,
-no logger, no checkpoints). Processes alternate, round after round; samples/s counts the steps after
-`--warmup`; a ratio is plait's samples/s over the other's within a round, and the figure is the median
-over rounds. Peak RSS: the process's maximum resident set (ru_maxrss).
+no logger, no checkpoints), (d) plait with the mlflow plugin as well (MLflow's default SQLite store in
+the runs folder, every row logged through its asynchronous queue). Processes alternate, round after
+round; samples/s counts the steps after `--warmup`; a ratio is plait's samples/s over the other's
+within a round, and the figure is the median over rounds. Peak RSS: the process's maximum resident
+set (ru_maxrss).
 
 Time to first step: `plait train plugins.yaml scaling.num_workers=0` (the CLI, in-process) from the
 command's start to the end of its first optimizer step, run 3 times; "cold" is the first run after
 this benchmark dropped the OS page cache (when it may; else the first run), "warm" the median of the others.
 
-Last line: JSON {"plait_vs_plain", "plait_vs_lightning", "peak_rss_mb_plait", "peak_rss_mb_plain",
-"peak_rss_mb_lightning", "samples_per_s", "first_step_s_cold", "first_step_s_warm"}.
+`--variants` runs only some of them (more rounds of fewer variants: a small cost needs many rounds
+on a noisy machine); the ratios of the ones left out are null.
+
+Last line: JSON {"plait_vs_plain", "plait_vs_lightning", "mlflow_step_cost" (plait's samples/s over
+plait-with-mlflow's, minus 1), "peak_rss_mb_<variant>", "samples_per_s", "first_step_s_cold",
+"first_step_s_warm"}.
 """
 from __future__ import annotations
 
@@ -33,10 +39,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("plain", "plait", "lightning")
+VARIANTS = ("plain", "plait", "lightning", "plait_mlflow")
 
 
-def _config(steps: int, runs_dir: str):
+def _config(steps: int, runs_dir: str, mlflow: bool = False):
     from plait.core.config import load_config
     from plait.core.runs import prepare
 
@@ -44,6 +50,8 @@ def _config(steps: int, runs_dir: str):
     raw["run"].update(max_steps=steps, runs_dir=runs_dir, name="parity", log_every=10)
     raw["scaling"] = {"num_workers": 0}
     raw["plugins"]["parity_clock"] = {}
+    if mlflow:
+        raw["plugins"]["mlflow"] = {}
     return prepare(raw, "benchmarks/parity.py")
 
 
@@ -106,13 +114,17 @@ def run_plain(steps: int, runs_dir: str) -> list[float]:
     return ends
 
 
-def run_plait(steps: int, runs_dir: str) -> list[float]:
+def run_plait(steps: int, runs_dir: str, mlflow: bool = False) -> list[float]:
     import parity_clock
 
     from plait.core.loop import fit
 
-    fit(*_config(steps, runs_dir))
+    fit(*_config(steps, runs_dir, mlflow))
     return parity_clock.STEP_ENDS
+
+
+def run_plait_mlflow(steps: int, runs_dir: str) -> list[float]:
+    return run_plait(steps, runs_dir, mlflow=True)
 
 
 def run_lightning(steps: int, runs_dir: str) -> list[float]:
@@ -146,7 +158,8 @@ def run_lightning(steps: int, runs_dir: str) -> list[float]:
 
 def child(variant: str, steps: int, warmup: int) -> None:
     with tempfile.TemporaryDirectory() as runs_dir:
-        ends = {"plain": run_plain, "plait": run_plait, "lightning": run_lightning}[variant](steps, runs_dir)
+        runners = {"plain": run_plain, "plait": run_plait, "lightning": run_lightning, "plait_mlflow": run_plait_mlflow}
+        ends = runners[variant](steps, runs_dir)
     batch = 64
     measured = ends[warmup:]
     rate = batch * (len(measured) - 1) / (measured[-1] - measured[0])
@@ -188,18 +201,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list (plait is always one)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    variants = [v for v in VARIANTS if v in {*args.variants.split(","), "plait"}]
     if args.child:
         child(args.child, args.steps, args.warmup)
         return
-    cold, warm, dropped = first_step_seconds()
-    print(f"time to first step: cold {cold:.1f} s (page cache {'dropped' if dropped else 'not dropped'}), "
-          f"warm {', '.join(f'{t:.1f}' for t in warm)} s", flush=True)
+    cold, warm, dropped = first_step_seconds() if "plain" in variants else (None, [None], False)
+    if cold is not None:
+        print(f"time to first step: cold {cold:.1f} s (page cache {'dropped' if dropped else 'not dropped'}), "
+              f"warm {', '.join(f'{t:.1f}' for t in warm)} s", flush=True)
     rounds: list[dict[str, dict]] = []
     for number in range(args.rounds):
         results = {}
-        for variant in VARIANTS:
+        for variant in variants:
             done = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps),
                                    "--warmup", str(args.warmup)], capture_output=True, text=True)
             if done.returncode != 0:
@@ -209,17 +225,24 @@ def main() -> None:
         print(f"round {number + 1}: " + ", ".join(f"{v} {r['samples_per_s']:.1f} samples/s, {r['peak_rss_mb']:.0f} MB"
                                                 for v, r in results.items()), flush=True)
 
-    def median(variant: str, key: str) -> float:
-        return statistics.median(r[variant][key] for r in rounds)
+    def median(variant: str, key: str) -> float | None:
+        return statistics.median(r[variant][key] for r in rounds) if variant in variants else None
 
-    ratio = {other: statistics.median(r["plait"]["samples_per_s"] / r[other]["samples_per_s"] for r in rounds)
-             for other in ("plain", "lightning")}
-    print(json.dumps({"plait_vs_plain": round(ratio["plain"], 3), "plait_vs_lightning": round(ratio["lightning"], 3),
-                      "peak_rss_mb_plait": round(median("plait", "peak_rss_mb")),
-                      "peak_rss_mb_plain": round(median("plain", "peak_rss_mb")),
-                      "peak_rss_mb_lightning": round(median("lightning", "peak_rss_mb")),
-                      "samples_per_s": {v: round(median(v, "samples_per_s"), 1) for v in VARIANTS},
-                      "first_step_s_cold": round(cold, 2), "first_step_s_warm": round(statistics.median(warm), 2)}))
+    def plait_over(other: str) -> float | None:
+        if other not in variants:
+            return None
+        return round(statistics.median(r["plait"]["samples_per_s"] / r[other]["samples_per_s"] for r in rounds), 4)
+
+    def rounded(value: float | None, digits: int = 0) -> float | None:
+        return None if value is None else round(value, digits)
+
+    mlflow_ratio = plait_over("plait_mlflow")
+    print(json.dumps({"plait_vs_plain": plait_over("plain"), "plait_vs_lightning": plait_over("lightning"),
+                      "mlflow_step_cost": None if mlflow_ratio is None else round(mlflow_ratio - 1, 4),
+                      **{f"peak_rss_mb_{v}": rounded(median(v, "peak_rss_mb")) for v in VARIANTS},
+                      "samples_per_s": {v: rounded(median(v, "samples_per_s"), 1) for v in variants},
+                      "first_step_s_cold": rounded(cold, 2),
+                      "first_step_s_warm": rounded(statistics.median(warm), 2) if cold is not None else None}))
 
 
 if __name__ == "__main__":
