@@ -46,8 +46,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     results = ray_runner.train(config, raw, address=args.address, verbose=args.verbose)
     if "test" in results:
         print_results("test accuracy", results["test"])
+    mfu = f", MFU {results['mfu']:.1%}" if results.get("mfu") is not None else ""
     print(f"run folder: {run_location(config.run.runs_dir, config.run.name)}  ({results['world_size']} worker(s), "
-          f"{results['samples_per_s']:.0f} samples/s, {results['steps']} steps)")
+          f"{results['samples_per_s']:.0f} samples/s{mfu}, {results['steps']} steps)")
     if results.get("workers"):  # where each worker ran: one node per worker, or several per node
         print("workers: " + ", ".join(f"rank {rank} on node {worker['node_id'][:12]} ({worker['node']})"
                                       for rank, worker in enumerate(results["workers"])))

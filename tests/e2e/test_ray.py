@@ -42,14 +42,21 @@ def run_ray(path, overrides=()):
 
 
 def test_two_workers_train_and_count_each_test_sample_once(write_config):
-    path, _ = configure(write_config, epochs=2, log_every=1)
+    from mlflow import MlflowClient
+
+    path, _ = configure(write_config, {"mlflow": {"log_model": False}}, epochs=2, log_every=1)
     config, results = run_ray(path, ["scaling.num_workers=2"])
     assert results["world_size"] == 2 and results["steps"] == 6  # 192 samples / (2 x 32) x 2 epochs
     assert results["test"]["fused"]["samples"] == 64  # an exact partition, no padded duplicates
     run_dir = Path(config.run.runs_dir) / config.run.name
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes
+    assert all(len(r["peak_memory_mb"]) == 2 for r in rows if r["split"] == "train")  # each worker's peak
     assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
+    # one MLflow run, from rank 0 alone, with each step once
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(config.run.runs_dir).resolve() / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("plait").experiment_id])
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
     # what the workers reported is what the saved model scores: every worker evaluated with rank
     # 0's batch-norm statistics, the ones the checkpoint holds
     from plait.launch.evaluate import evaluate_run
