@@ -29,6 +29,7 @@ from pydantic import Field
 from torch import nn
 
 from plait.core.config import Options
+from plait.core.distributed import unwrap
 from plait.core.errors import DataError
 from plait.core.hookspecs import hookimpl
 from plait.core.parallel import transformer_plan
@@ -140,6 +141,7 @@ class CausalLM(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, options.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(options.dim)
         self.encoders = nn.ModuleDict()  # no per-modality encoders: evaluation by modality is the whole model
+        self.tokens_read = 0  # tokens of the training forwards since plait_count_tokens last asked
 
     def plait_blocks(self) -> list[nn.Module]:
         """The transformer blocks: FSDP units and checkpointed blocks."""
@@ -153,6 +155,8 @@ class CausalLM(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         ids = batch["inputs"]["text"]["ids"]
+        if self.training:
+            self.tokens_read += ids.numel()  # every position is a real token: windows have no padding
         length = ids.shape[1]
         mask = nn.Transformer.generate_square_subsequent_mask(length, device=ids.device)
         hidden = self.blocks(self.embed(ids) + self.position[:length], mask=mask, is_causal=True)
@@ -172,6 +176,15 @@ def plait_build_dataset(config, split):
 @hookimpl
 def plait_build_model(config, modalities, num_classes):
     return CausalLM(config.options(WikiLMOptions), num_classes)
+
+
+@hookimpl
+def plait_count_tokens(state):
+    model = unwrap(state.model)
+    if not isinstance(model, CausalLM):
+        return None
+    tokens, model.tokens_read = model.tokens_read, 0
+    return tokens
 
 
 @hookimpl

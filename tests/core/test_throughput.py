@@ -129,3 +129,5 @@ def test_a_compiled_run_counts_the_same_flops_on_its_second_batch(tmp_path):
     compiled = fit(*load(write_config(tmp_path, lm, name="compiled", max_steps=3, batch_size=4, compile=True)))
     assert compiled.metrics["run"]["flops_per_sample"] == eager.metrics["run"]["flops_per_sample"] > 0
     assert "second" in compiled.metrics["run"]["flops_counted"]
+    row = eager.metrics["train"]  # a language model reads seq_len tokens a sample
+    assert row["tokens_per_s"] == pytest.approx(16 * row["samples_per_s"])
