@@ -112,8 +112,9 @@ def gpu_peak(name: str, precision: str) -> Peak:
 @functools.cache
 def _measured_cpu_peak(precision: str, threads: int) -> Peak:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    a = torch.randn(_MATMUL_SIDE, _MATMUL_SIDE, dtype=dtype)
-    b = torch.randn(_MATMUL_SIDE, _MATMUL_SIDE, dtype=dtype)
+    own = torch.Generator().manual_seed(0)  # not the global generator: a run's draws must not depend on this
+    a = torch.randn(_MATMUL_SIDE, _MATMUL_SIDE, dtype=dtype, generator=own)
+    b = torch.randn(_MATMUL_SIDE, _MATMUL_SIDE, dtype=dtype, generator=own)
     torch.mm(a, b)  # warm-up: the first call picks its kernel
     best = float("inf")
     for _ in range(_MATMUL_REPEATS):

@@ -131,3 +131,14 @@ def test_a_compiled_run_counts_the_same_flops_on_its_second_batch(tmp_path):
     assert "second" in compiled.metrics["run"]["flops_counted"]
     row = eager.metrics["train"]  # a language model reads seq_len tokens a sample
     assert row["tokens_per_s"] == pytest.approx(16 * row["samples_per_s"])
+
+
+def test_measuring_the_cpu_peak_draws_nothing_from_the_runs_random_numbers():
+    from plait.core.throughput import _measured_cpu_peak
+
+    _measured_cpu_peak.cache_clear()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    device_peak(torch.device("cpu"), "fp32", None)  # measured now (cache cleared)
+    assert torch.equal(torch.rand(3), expected)
