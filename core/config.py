@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import ConfigError, nearest
 
-__all__ = ["FsdpSettings", "Options", "PlaitConfig", "RunSettings", "ScalingSettings", "load_config", "merge",
-           "resolve"]
+__all__ = ["DataSettings", "DataSource", "FsdpSettings", "Options", "PlaitConfig", "RunSettings", "ScalingSettings",
+           "load_config", "merge", "resolve", "with_plugin_options"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -157,6 +157,66 @@ class ScalingSettings(Options):
         return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
+class DataSource(Options):
+    """One source of a training mixture: ``{manifest: a.csv, weight: 0.7}`` is the ``manifest`` plugin's training
+    split read from ``a.csv``; ``{spoken_digits: {languages: [en]}, weight: 0.3}`` another plugin's with those
+    options (over its options under ``plugins:``)."""
+
+    plugin: str
+    options: dict[str, Any] = {}
+    weight: float = 1.0
+    name: str = ""  # how metrics.jsonl names it: ``name:`` if given, else the plugin and its file
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_plugin(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError("a source is a mapping such as {manifest: a.csv, weight: 0.5}")
+        if "plugin" in data:
+            return data
+        rest = {k: v for k, v in data.items() if k not in ("weight", "name")}
+        if len(rest) != 1:
+            raise ValueError(f"a source names one data set plugin beside weight and name, got {sorted(rest) or 'none'}")
+        (plugin, value), = rest.items()
+        options = {"train": value} if isinstance(value, str) else dict(value or {})
+        name = data.get("name") or (f"{plugin}:{value}" if isinstance(value, str) else plugin)
+        return {"plugin": plugin, "options": options, "weight": data.get("weight", 1.0), "name": name}
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, value: float) -> float:
+        if not value >= 0:
+            raise ValueError("a source's weight is 0 or more")
+        return value
+
+
+class DataSettings(Options):
+    """Where training batches come from: a torch DataLoader in each worker (``engine: torch``), or Ray Data,
+    decoding on CPU workers of their own and streaming to the training workers (``engine: ray``)."""
+
+    engine: Literal["torch", "ray"] = Field("torch", description="torch: each worker decodes its own batches "
+                                            "(small local sets); ray: Ray Data decodes on separate CPU workers")
+    cpus: float = Field(1.0, gt=0, description="engine ray: the CPUs of the decoding workers, all together")
+    prefetch_batches: int = Field(2, ge=0, description="engine ray: batches each training worker holds ready")
+    sources: list[DataSource] | None = Field(None, description="a training mixture: [{manifest: a.csv, weight: "
+                                             "0.7}, {manifest: b.csv, weight: 0.3}], drawn by weight each epoch")
+
+    @field_validator("sources")
+    @classmethod
+    def _positive_weights(cls, sources: list[DataSource] | None) -> list[DataSource] | None:
+        if sources is not None:
+            if not sources:
+                raise ValueError("give at least one source, or leave data.sources out")
+            total = sum(s.weight for s in sources)
+            if not total > 0:
+                raise ValueError(f"the sources' weights sum to {total:g}; they must sum to a positive number")
+            names = [s.name for s in sources]
+            if len(set(names)) < len(names):
+                raise ValueError(f"two sources are both named '{next(n for n in names if names.count(n) > 1)}'; "
+                                 "give them name:")
+        return sources
+
+
 class PlaitConfig(BaseModel):
     """The resolved config of one run. Plugins read their options with ``options(Model)``."""
 
@@ -164,6 +224,7 @@ class PlaitConfig(BaseModel):
 
     run: RunSettings = RunSettings()
     scaling: ScalingSettings = ScalingSettings()
+    data: DataSettings = DataSettings()
     plugins: dict[str, dict[str, Any]] = {}
     source: str = Field("<config>", exclude=True)
     _options: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
@@ -184,6 +245,7 @@ class PlaitConfig(BaseModel):
         return {
             "run": self.run.model_dump(mode="json"),
             "scaling": self.scaling.model_dump(mode="json"),
+            "data": self.data.model_dump(mode="json", exclude={"sources"} if self.data.sources is None else set()),
             "plugins": plugins,
         }
 
@@ -191,7 +253,7 @@ class PlaitConfig(BaseModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-TOP_LEVEL_KEYS = ("include", "run", "scaling", "plugins")
+TOP_LEVEL_KEYS = ("include", "run", "scaling", "data", "plugins")
 FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -326,7 +388,8 @@ def resolve(data: dict[str, Any], schemas: dict[str, type[BaseModel] | None], so
     """Validate the raw dict against the core schema and each plugin's ``schemas[name]``."""
     config = validate(
         PlaitConfig,
-        {"run": data.get("run") or {}, "scaling": data.get("scaling") or {}, "plugins": data["plugins"]},
+        {"run": data.get("run") or {}, "scaling": data.get("scaling") or {}, "data": data.get("data") or {},
+         "plugins": data["plugins"]},
         source,
     )
     config.source = source
@@ -337,4 +400,23 @@ def resolve(data: dict[str, Any], schemas: dict[str, type[BaseModel] | None], so
                 raise ConfigError(f"{source}: plugins.{name}: this plugin takes no options (got {sorted(raw)})")
             continue
         config._options[name] = validate(schema, raw, source, prefix=f"plugins.{name}")
+    for i, spec in enumerate(config.data.sources or []):
+        if spec.plugin not in config.plugins:
+            raise ConfigError(f"{source}: data.sources.{i}: plugin '{spec.plugin}' is not under plugins:"
+                              f"{nearest(spec.plugin, config.plugins)}")
+        schema = schemas.get(spec.plugin)
+        if schema is None and spec.options:
+            raise ConfigError(f"{source}: data.sources.{i}: plugin '{spec.plugin}' takes no options")
+        if schema is not None:
+            validate(schema, merge(config.plugins[spec.plugin], spec.options), source, prefix=f"data.sources.{i}")
     return config
+
+
+def with_plugin_options(config: PlaitConfig, plugin: str, options: dict[str, Any], schema: type[BaseModel] | None,
+                        where: str) -> PlaitConfig:
+    """``config`` with ``options`` over the plugin's own under ``plugins:`` (a mixture's source)."""
+    copied = config.model_copy()
+    copied._options = dict(config._options)
+    if schema is not None:
+        copied._options[plugin] = validate(schema, merge(config.plugins[plugin], options), config.source, where)
+    return copied

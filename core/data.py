@@ -1,21 +1,29 @@
-"""Data sets and loaders: the plugins' data set with their sample transforms, the samplers that
-shard evaluation exactly and resume an epoch in its middle, and batches moved to a device."""
+"""Data sets and loaders: the plugins' data set with their sample transforms, a mixture of several
+sources drawn by weight, the orders in which each data replica reads an epoch, the samplers that
+shard evaluation exactly and resume an epoch in its middle, and batches moved to a device.
+
+``TrainBatches`` is what the loop reads training batches from: a DataLoader here (``LoaderBatches``),
+or what a runner supplies instead (``Distributed.train_batches``: Ray Data, in ``plait.launch``).
+"""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sized
-from typing import Any
+import math
+from collections.abc import Callable, Iterable, Iterator, Sized
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from . import hookspecs
-from .config import PlaitConfig
+from .config import PlaitConfig, with_plugin_options
 from .errors import DataError, PluginError
 from .manager import Plugins
 
-__all__ = ["SAMPLE_INDEX", "ShardSampler", "SkipSampler", "TransformedDataset", "build_dataset", "epoch_loader",
-           "make_loader", "move", "only_modalities"]
+__all__ = ["SAMPLE_INDEX", "LoaderBatches", "MixedDataset", "MixtureSampler", "ShardSampler", "SkipSampler",
+           "TrainBatches", "TransformedDataset", "batches_of", "build_dataset", "epoch_loader", "epoch_sampler",
+           "make_loader", "move", "only_modalities", "source_shares"]
 
 
 class ShardSampler(Sampler[int]):
@@ -77,18 +85,154 @@ class TransformedDataset(Dataset[dict[str, Any]]):
         return {**self.plugin_collate(samples), SAMPLE_INDEX: indices}
 
 
-def build_dataset(plugins: Plugins, config: PlaitConfig, split: str) -> TransformedDataset | None:
-    """The ``split`` data set with its transforms, or None when no plugin has that split."""
-    dataset = plugins.first(hookspecs.plait_build_dataset, config=config, split=split)
+def _label_key(label: str) -> tuple[int, int, str]:
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
+
+
+class MixedDataset(Dataset[dict[str, Any]]):
+    """Several sources' training sets as one: their samples in turn (source 0's, then 1's, ...), labels mapped
+    onto the union of their class names, modalities the union of theirs. Which samples an epoch draws, and
+    how many of each source, is ``MixtureSampler``'s."""
+
+    def __init__(self, sources: list[Any], names: list[str], weights: list[float]) -> None:
+        self.sources, self.names, self.weights = sources, names, weights
+        self.sizes = [len(source) for source in sources]
+        self.offsets = list(itertools.accumulate(self.sizes, initial=0))
+        same = all(list(source.classes) == list(sources[0].classes) for source in sources)
+        self.classes: list[str] = (list(sources[0].classes) if same else
+                                   sorted({str(c) for source in sources for c in source.classes}, key=_label_key))
+        index = {name: i for i, name in enumerate(self.classes)}
+        self.label_maps = [[index[str(c)] for c in source.classes] for source in sources]
+        self.modalities = tuple(dict.fromkeys(m for source in sources for m in source.modalities))
+        self.collate_fn = sources[0].collate_fn
+        self.info: dict[str, Any] = getattr(sources[0], "info", {})
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def source_of(self, index: int) -> int:
+        for source, end in enumerate(self.offsets[1:]):
+            if index < end:
+                return source
+        raise IndexError(index)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source = self.source_of(index)
+        sample = dict(self.sources[source][index - self.offsets[source]])
+        sample["label"] = self.label_maps[source][int(sample["label"])]
+        return sample
+
+
+class MixtureSampler(Sampler[int]):
+    """One data replica's order of an epoch of a ``MixedDataset``: the epoch holds as many samples as all the
+    sources together, shared out by weight (largest remainders: the shares are the weights to one sample).
+    Each source gives its share from a fresh shuffle of its samples (again and again if its share is larger),
+    the whole is shuffled, and replica r reads positions r, r + n, ... (padded to a multiple of n, as
+    DistributedSampler is). Everything depends only on the seed and the epoch (``set_epoch``)."""
+
+    def __init__(self, dataset: MixedDataset, seed: int, replica: int = 0, replicas: int = 1) -> None:
+        self.dataset, self.seed, self.replica, self.replicas, self.epoch = dataset, seed, replica, replicas, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def counts(self) -> list[int]:
+        weights, total = self.dataset.weights, len(self.dataset)
+        exact = [total * w / sum(weights) for w in weights]
+        counts = [math.floor(x) for x in exact]
+        for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
+            counts[i] += 1
+        return counts
+
+    def epoch_order(self) -> list[int]:
+        """Every replica's samples of the epoch, in the order they are read."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        drawn: list[int] = []
+        for source, count in enumerate(self.counts()):
+            size, offset = self.dataset.sizes[source], self.dataset.offsets[source]
+            while count > 0:
+                take = torch.randperm(size, generator=generator)[:count] + offset
+                drawn.extend(take.tolist())
+                count -= len(take)
+        return [drawn[i] for i in torch.randperm(len(drawn), generator=generator).tolist()]
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.epoch_order()
+        per_replica = math.ceil(len(order) / self.replicas)
+        order += order[: per_replica * self.replicas - len(order)]
+        return iter(order[self.replica::self.replicas])
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.replicas)
+
+
+def epoch_sampler(dataset: TransformedDataset, seed: int, replica: int,
+                  replicas: int) -> MixtureSampler | DistributedSampler[Any]:
+    """The order in which data replica ``replica`` of ``replicas`` reads an epoch (``set_epoch`` chooses which):
+    ``MixtureSampler``'s for a mixture, DistributedSampler's shuffle otherwise."""
+    if isinstance(dataset.base, MixedDataset):
+        return MixtureSampler(dataset.base, seed, replica, replicas)
+    return DistributedSampler(dataset, num_replicas=replicas, rank=replica, shuffle=True, seed=seed)
+
+
+def batches_of(sampler: Sampler[int], batch_size: int, epoch: int) -> list[list[int]]:
+    """The epoch's batches of ``sampler``, as lists of sample indices."""
+    cast_sampler: Any = sampler
+    cast_sampler.set_epoch(epoch)
+    order = list(iter(sampler))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def source_shares(dataset: TransformedDataset, seed: int, epoch: int) -> dict[str, Any] | None:
+    """How many samples of each source the epoch draws, and their shares (None: not a mixture)."""
+    if not isinstance(dataset.base, MixedDataset):
+        return None
+    mixture = dataset.base
+    sampler = MixtureSampler(mixture, seed)
+    sampler.set_epoch(epoch)
+    counts = [0] * len(mixture.sources)
+    for index in sampler.epoch_order():
+        counts[mixture.source_of(index)] += 1
+    total = sum(counts)
+    return {"samples": dict(zip(mixture.names, counts, strict=True)),
+            "shares": {name: round(count / total, 4) for name, count in zip(mixture.names, counts, strict=True)}}
+
+
+def _checked(dataset: Any, split: str, what: str) -> Any:
     if dataset is None:
-        if split == "train":
-            raise PluginError("no plugin provides a data set; add one (spoken_digits, manifest) to plugins:")
         return None
     for attribute in ("classes", "modalities", "collate_fn"):
         if not hasattr(dataset, attribute):
             raise PluginError(f"the {split} data set {type(dataset).__name__} has no '{attribute}' attribute")
     if len(dataset) == 0:
-        raise DataError(f"the {split} split of {type(dataset).__name__} is empty")
+        raise DataError(f"the {split} split of {what or type(dataset).__name__} is empty")
+    return dataset
+
+
+def _mixture(plugins: Plugins, config: PlaitConfig) -> MixedDataset:
+    sources = []
+    for i, spec in enumerate(config.data.sources or []):
+        schema = plugins.call_one(spec.plugin, hookspecs.plait_config_schema)
+        source_config = with_plugin_options(config, spec.plugin, spec.options, schema, f"data.sources.{i}")
+        dataset = plugins.call_one(spec.plugin, hookspecs.plait_build_dataset, config=source_config, split="train")
+        if dataset is None:
+            raise DataError(f"{config.source}: data.sources.{i} ({spec.name}): the plugin gave no training set")
+        sources.append(_checked(dataset, "train", f"data.sources.{i} ({spec.name})"))
+    return MixedDataset(sources, [s.name for s in config.data.sources or []],
+                        [s.weight for s in config.data.sources or []])
+
+
+def build_dataset(plugins: Plugins, config: PlaitConfig, split: str) -> TransformedDataset | None:
+    """The ``split`` data set with its transforms, or None when no plugin has that split; the training split
+    is the mixture of ``data.sources`` when there are sources."""
+    if split == "train" and config.data.sources:
+        dataset: Any = _mixture(plugins, config)
+    else:
+        dataset = _checked(plugins.first(hookspecs.plait_build_dataset, config=config, split=split), split, "")
+    if dataset is None:
+        if split == "train":
+            raise PluginError("no plugin provides a data set; add one (spoken_digits, manifest) to plugins:")
+        return None
     transforms = [t for result in plugins.call_each(hookspecs.plait_sample_transforms, config=config,
                                                     split=split).values() for t in (result or [])]
     return TransformedDataset(dataset, transforms)
@@ -118,6 +262,29 @@ def epoch_loader(loader: DataLoader[Any], epoch: int, seed: int, skip_batches: i
                       loader.batch_size), collate_fn=loader.collate_fn, num_workers=loader.num_workers,
                       pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
                       generator=loader.generator)  # the loader draws its worker seed from it: same RNG use
+
+
+class TrainBatches(Protocol):
+    """The training batches of one worker: ``len`` is its batches per epoch, ``epoch(e, skip)`` the batches of
+    epoch ``e`` after the first ``skip`` (a resume), each a collated batch with ``sample_index``."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, skip: int) -> Iterable[dict[str, Any]]: ...
+
+
+@dataclass
+class LoaderBatches:
+    """``TrainBatches`` from a DataLoader: each worker decodes its own samples."""
+
+    loader: DataLoader[dict[str, Any]]
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, skip: int) -> Iterable[dict[str, Any]]:
+        return epoch_loader(self.loader, epoch, self.seed, skip)
 
 
 def move(batch: Any, device: torch.device) -> Any:

@@ -8,11 +8,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from .data import TrainBatches, TransformedDataset
 
 __all__ = ["DataReplicas", "Distributed", "all_gather", "all_reduce_max", "all_reduce_sum", "barrier", "peak_memory_mb",
            "pick_device", "seed_everything", "sync_buffers", "unwrap"]
@@ -55,7 +58,8 @@ class Distributed(DataReplicas):
     activation checkpointing and compilation; ``prepare_model(model)`` then wraps it for data
     parallelism (DDP, FSDP). ``prepare_loader(loader, add_dist_sampler)`` may swap the sampler for a
     distributed one over the data replicas (training); evaluation loaders come already sharded and
-    ask for no sampler. ``reduce_gradients(model)`` finishes what the wrapper does not reduce (the
+    ask for no sampler; ``train_batches(dataset)``, when given, supplies the training batches instead of a
+    DataLoader (Ray Data). ``reduce_gradients(model)`` finishes what the wrapper does not reduce (the
     experts' gradients under expert parallelism) before clipping. Collectives go through
     ``torch.distributed`` when a process group is initialised.
 
@@ -69,6 +73,7 @@ class Distributed(DataReplicas):
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = _identity
     prepare_loader: Callable[[DataLoader[Any], bool], DataLoader[Any]] = _same_loader
     reduce_gradients: Callable[[torch.nn.Module], None] = _nothing
+    train_batches: Callable[[TransformedDataset], TrainBatches] | None = None
     device: torch.device | None = None
     #: Every forward is a collective (FSDP gathers each unit's weights, tensor parallelism all-reduces
     #: activations): evaluation then runs the same number of batches on every worker, repeating its

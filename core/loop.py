@@ -23,7 +23,18 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint, hookspecs
 from .config import PlaitConfig
-from .data import ShardSampler, TransformedDataset, build_dataset, epoch_loader, make_loader, move
+from .data import (
+    LoaderBatches,
+    MixedDataset,
+    ShardSampler,
+    TrainBatches,
+    TransformedDataset,
+    build_dataset,
+    epoch_sampler,
+    make_loader,
+    move,
+    source_shares,
+)
 from .distributed import (
     Distributed,
     all_gather,
@@ -55,7 +66,8 @@ log = logging.getLogger("plait")
 class _Training:
     """What the loop holds besides the run state: loaders, and the tensors a skipped step restores."""
 
-    train: DataLoader[dict[str, Any]]
+    train: TrainBatches
+    train_set: TransformedDataset
     evaluation: dict[str, DataLoader[dict[str, Any]]]
     buffers: list[torch.Tensor]  # what a forward may change (BatchNorm statistics and counts)
     sparse_params: list[torch.nn.Parameter]  # embeddings whose gradients arrive sparse
@@ -148,14 +160,23 @@ def _start(config: PlaitConfig, plugins: Plugins, dist: Distributed) -> tuple[Ru
 def _loaders(config: PlaitConfig, dist: Distributed, model: torch.nn.Module, train_set: TransformedDataset,
              evaluation: dict[str, TransformedDataset | None]) -> _Training:
     run = config.run
-    train = dist.prepare_loader(make_loader(train_set, run.batch_size, True, run.seed, run.loader_workers), True)
+    train: TrainBatches
+    if dist.train_batches is not None:
+        train = dist.train_batches(train_set)
+    elif isinstance(train_set.base, MixedDataset):  # the mixture's own order, already one per data replica
+        sampler = epoch_sampler(train_set, run.seed, dist.data_rank, dist.data_world_size)
+        train = LoaderBatches(dist.prepare_loader(make_loader(train_set, run.batch_size, False, run.seed,
+                                                              run.loader_workers, sampler), False), run.seed)
+    else:
+        train = LoaderBatches(dist.prepare_loader(make_loader(train_set, run.batch_size, True, run.seed,
+                                                              run.loader_workers), True), run.seed)
     loaders = {split: dist.prepare_loader(make_loader(ds, run.eval_batch_size, False, run.seed, run.loader_workers,
                                                       ShardSampler(len(ds), dist.data_rank, dist.data_world_size)),
                                      False)
                for split, ds in evaluation.items() if ds is not None}
     sparse = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse
               and isinstance(m.weight, torch.nn.Parameter)]
-    return _Training(train=train, evaluation=loaders, buffers=[], sparse_params=sparse,
+    return _Training(train=train, train_set=train_set, evaluation=loaders, buffers=[], sparse_params=sparse,
                      reduce_gradients=dist.reduce_gradients)
 
 
@@ -187,7 +208,10 @@ def _train_epoch(state: RunState, training: _Training, skip: int) -> tuple[int, 
     batches_done = skip
     micro: list[MicroBatch] = []  # the batches of the current optimizer step
     saved_buffers: list[torch.Tensor] = []
-    for loaded in epoch_loader(training.train, state.epoch, run.seed, skip):
+    shares = source_shares(training.train_set, run.seed, state.epoch) if not skip else None
+    if shares is not None:  # a mixture: what the epoch draws of each source
+        log_metrics(state, {"split": "sources", **shares})
+    for loaded in training.train.epoch(state.epoch, skip):
         batch = move(loaded, state.device)
         batches_done += 1
         last_of_step = len(micro) + 1 == run.grad_accumulation or batches_done == state.batches_per_epoch
