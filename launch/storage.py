@@ -87,6 +87,12 @@ class RemoteRuns:
         return sorted(c for c in found
                       if self.fs.get_file_info(self._path(name, "checkpoints", c, COMPLETE)).is_file)
 
+    def read_bytes(self, name: str, *parts: str) -> bytes:
+        """A file of run ``name`` (``parts``: its path inside the run folder)."""
+        with self.fs.open_input_stream(self._path(name, *parts)) as stream:
+            data: bytes = stream.read()
+        return data
+
     def stage(self, name: str, local_runs: Path) -> Path:
         """Fill ``local_runs/name`` afresh from storage; return it."""
         import pyarrow.fs

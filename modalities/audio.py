@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -55,30 +56,32 @@ def trim_silence(wave: torch.Tensor, top_db: float = 30.0, margin_s: float = 0.0
     return wave[start:end]
 
 
-def load_audio(path: str | Path, max_seconds: float | None = None) -> torch.Tensor:
+def load_audio(path: str | Path | BinaryIO, max_seconds: float | None = None) -> torch.Tensor:
     """Read an audio file as a mono float32 waveform at 16 kHz, silence at the ends trimmed.
 
     Any sample format soundfile reads (8/16/24/32-bit integer, float) comes scaled to [-1, 1];
     channels are averaged. A file longer than ``max_seconds`` is refused before it is read
     (one mislabelled hour-long recording would otherwise fill memory in a batch of clips), and
-    so is one whose samples are NaN or infinite."""
+    so is one whose samples are NaN or infinite. ``path`` may be an open binary file (a tar shard's member),
+    named in errors by its ``name``."""
+    where = getattr(path, "name", path)
     try:
-        with soundfile.SoundFile(str(path)) as file:
+        with soundfile.SoundFile(path if hasattr(path, "read") else str(path)) as file:
             rate, frames = file.samplerate, file.frames
             if max_seconds is not None and frames > max_seconds * rate:
-                raise DataError(f"{path}: audio is {frames / rate:.1f} s long, over the {max_seconds:g} s "
+                raise DataError(f"{where}: audio is {frames / rate:.1f} s long, over the {max_seconds:g} s "
                                 "allowed (plugins.manifest.audio_max_seconds)")
             data = file.read(dtype="float32", always_2d=True)
     except FileNotFoundError:
-        raise DataError(f"{path}: audio file not found") from None
+        raise DataError(f"{where}: audio file not found") from None
     except (soundfile.LibsndfileError, RuntimeError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable audio: {exc}") from None
+        raise DataError(f"{where}: unreadable audio: {exc}") from None
     if data.shape[0] == 0:
-        raise DataError(f"{path}: audio file has no samples")
+        raise DataError(f"{where}: audio file has no samples")
     finite = np.isfinite(data)
     if not finite.all():
         first = int(np.flatnonzero(~finite.all(axis=1))[0])
-        raise DataError(f"{path}: audio holds NaN or infinite samples (the first at {first / rate:.3f} s)")
+        raise DataError(f"{where}: audio holds NaN or infinite samples (the first at {first / rate:.3f} s)")
     return trim_silence(resample(torch.from_numpy(data).mean(dim=1), rate))
 
 

@@ -8,6 +8,7 @@ RGB. Then it becomes grayscale (luma) or RGB, as many channels as the encoder ta
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -57,11 +58,13 @@ def flatten(image: Image.Image, channels: int, background: tuple[int, int, int] 
     return image.convert("L" if channels == 1 else "RGB")
 
 
-def load_image(path: str | Path, size: tuple[int, int], channels: int,
+def load_image(path: str | Path | BinaryIO, size: tuple[int, int], channels: int,
                background: tuple[int, int, int] = WHITE) -> torch.Tensor:
-    """Read an image file as ``channels`` (1 or 3) channels resized to ``size`` (H, W), values in [0, 1]."""
+    """Read an image file as ``channels`` (1 or 3) channels resized to ``size`` (H, W), values in [0, 1].
+    ``path`` may be an open binary file (a tar shard's member), named in errors by its ``name``."""
+    where = getattr(path, "name", path)
     if channels not in (1, 3):
-        raise DataError(f"{path}: images load as 1 (grayscale) or 3 (RGB) channels, not {channels}")
+        raise DataError(f"{where}: images load as 1 (grayscale) or 3 (RGB) channels, not {channels}")
     try:
         with Image.open(path) as file:
             file.seek(0)  # an animation's first frame
@@ -70,11 +73,11 @@ def load_image(path: str | Path, size: tuple[int, int], channels: int,
             tensor: torch.Tensor = v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True)
             return tensor
     except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
+        raise DataError(f"{where}: image file not found") from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: unreadable image: not a format Pillow knows") from None
+        raise DataError(f"{where}: unreadable image: not a format Pillow knows") from None
     except Exception as exc:  # noqa: BLE001 - decoders of damaged files raise many kinds (struct.error, ...)
-        raise DataError(f"{path}: unreadable image: {type(exc).__name__}: {exc}") from None
+        raise DataError(f"{where}: unreadable image: {type(exc).__name__}: {exc}") from None
 
 
 def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:

@@ -1,16 +1,24 @@
-"""manifest: bring your own data as CSV or JSONL.
+"""manifest: bring your own data as CSV, JSONL or Parquet, or as WebDataset-style tar shards.
 
-Columns: ``image`` and ``audio`` (file paths, relative to the manifest's folder),
+A manifest's columns: ``image`` and ``audio`` (file paths, relative to the manifest's folder),
 ``text`` (inline text, or the path of a ``.txt`` file), ``label`` (class name or number), optional ``id``. Any modality
 may be empty on any row. Rows are checked when the data set is built (files exist, a
 label is there, at least one modality); files are decoded when a sample is read, and an
 unreadable one is reported with its manifest row.
+
+Tar shards (a ``.tar`` file, or a folder of them, given where a manifest would be): the members of one sample
+share a key, the name before its first dot (``000123.png``, ``000123.txt``, ``000123.cls``): an image
+(png, jpg, jpeg, webp, bmp), an audio file (wav, flac, ogg, mp3), ``txt`` text and the label in ``cls`` or
+``label``. Only the member index is read when the data set is built; a sample's bytes are read from its shard
+when the sample is.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +37,8 @@ FILE_COLUMNS = ("image", "audio")
 
 
 class ManifestOptions(Options):
-    train: str | None = Field(None, description="CSV or JSONL manifest of the training split")
+    train: str | None = Field(None, description="CSV, JSONL or Parquet manifest of the training split, or tar "
+                              "shards (a .tar file or a folder of them)")
     val: str | None = None
     test: str | None = None
     classes: list[str] | None = Field(None, description="class names in label order; default: sorted labels")
@@ -49,7 +58,90 @@ class ManifestOptions(Options):
         return value
 
 
-def read_rows(path: Path) -> list[tuple[int, dict]]:
+COLUMNS = (*MODALITIES, "label", "id")
+IMAGE_SUFFIXES = {"png", "jpg", "jpeg", "webp", "bmp"}
+AUDIO_SUFFIXES = {"wav", "flac", "ogg", "mp3"}
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """Where a sample's file lies in a tar shard: read when the sample is."""
+
+    tar: str
+    offset: int
+    size: int
+    name: str
+
+    def open(self) -> io.BytesIO:
+        with open(self.tar, "rb") as shard:
+            shard.seek(self.offset)
+            data = io.BytesIO(shard.read(self.size))
+        data.name = f"{self.tar}:{self.name}"
+        return data
+
+
+def _shard_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) pairs of a tar shard or a folder of them; image and audio are ``TarMember`` s."""
+    shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+    if not shards:
+        raise DataError(f"{path}: no .tar shards in the folder")
+    rows: list[tuple[str, dict]] = []
+    for shard in shards:
+        samples: dict[str, dict] = {}
+        try:
+            with tarfile.open(shard, "r:") as archive:
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    name = member.name.rsplit("/", 1)[-1]
+                    key, _, suffix = name.partition(".")
+                    suffix = suffix.lower()
+                    row = samples.setdefault(key, {"id": key})
+                    if suffix in IMAGE_SUFFIXES or suffix in AUDIO_SUFFIXES:
+                        modality = "image" if suffix in IMAGE_SUFFIXES else "audio"
+                        row[modality] = TarMember(str(shard), member.offset_data, member.size, member.name)
+                    elif suffix in ("txt", "cls", "label"):
+                        handle = archive.extractfile(member)
+                        assert handle is not None  # a regular file
+                        row["text" if suffix == "txt" else "label"] = handle.read().decode("utf-8").strip()
+        except (tarfile.TarError, UnicodeDecodeError) as exc:
+            raise DataError(f"{shard}: not a readable tar shard: {exc}") from None
+        except OSError as exc:
+            raise DataError(f"{shard}: cannot read shard: {exc.strerror or exc}") from None
+        rows.extend((f"{shard}:{key}", row) for key, row in samples.items())
+    return rows
+
+
+def _parquet_rows(path: Path) -> list[tuple[str, dict]]:
+    import pyarrow.parquet
+
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: manifest not found") from None
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
+    unknown = [c for c in table.column_names if c not in COLUMNS]
+    if unknown:
+        raise DataError(f"{path}: unknown column '{unknown[0]}'{nearest(unknown[0], COLUMNS)}")
+    missing = [c for c in ("label",) if c not in table.column_names]
+    if missing or not set(MODALITIES) & set(table.column_names):
+        need = "a 'label' column" if missing else "an image, audio or text column"
+        raise DataError(f"{path}: the Parquet file has no {need} (its columns: {', '.join(table.column_names)})")
+    return [(f"{path}:row {i + 1}", row) for i, row in enumerate(table.to_pylist())]
+
+
+def read_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) pairs of a CSV, JSONL or Parquet manifest, or of tar shards; ``where`` names the row in
+    errors (``file:line``)."""
+    if path.is_dir() or path.suffix == ".tar":
+        return _shard_rows(path)
+    if path.suffix == ".parquet":
+        return _parquet_rows(path)
+    return [(f"{path}:{number}", row) for number, row in _text_rows(path)]
+
+
+def _text_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs of a CSV or JSONL manifest."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -73,9 +165,9 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))  # a quoted cell may hold line breaks
     if reader.fieldnames is None:
         return []
-    unknown = [c for c in reader.fieldnames if c not in (*MODALITIES, "label", "id")]
+    unknown = [c for c in reader.fieldnames if c not in COLUMNS]
     if unknown:
-        raise DataError(f"{path}: unknown column '{unknown[0]}'{nearest(unknown[0], (*MODALITIES, 'label', 'id'))}")
+        raise DataError(f"{path}: unknown column '{unknown[0]}'{nearest(unknown[0], COLUMNS)}")
     return [(reader.line_num, row) for row in reader]
 
 
@@ -95,14 +187,16 @@ class Manifest(Dataset):
             raise DataError(f"{path}: the manifest has no rows")
         self.rows = []
         root = path.parent.resolve()
-        for number, row in rows:
-            where = f"{path}:{number}"
+        for where, row in rows:
             label = str(row.get("label") if row.get("label") is not None else "").strip()
             if not label:
                 raise DataError(f"{where}: row has no label")
             entry: dict[str, Any] = {"id": str(row.get("id") or where), "label": label, "where": where}
             for modality in MODALITIES:
                 value = row.get(modality)
+                if isinstance(value, TarMember):  # a tar shard's member: nothing on disk to check
+                    entry[modality] = value
+                    continue
                 value = str(value).strip() if value is not None else ""
                 if "\x00" in value:
                     raise DataError(f"{where}: {modality} holds a NUL character, which no file name or text may have")
@@ -147,13 +241,17 @@ class Manifest(Dataset):
         try:
             if entry["image"]:
                 size = self.options.image_size
-                sample["image"] = load_image(entry["image"], (size, size), self.options.image_channels,
+                sample["image"] = load_image(_opened(entry["image"]), (size, size), self.options.image_channels,
                                              self.background)
             if entry["audio"]:
-                sample["audio"] = load_audio(entry["audio"], self.options.audio_max_seconds)
+                sample["audio"] = load_audio(_opened(entry["audio"]), self.options.audio_max_seconds)
         except DataError as exc:
             raise DataError(f"{entry['where']}: {exc}") from None
         return sample
+
+
+def _opened(value: str | TarMember) -> str | io.BytesIO:
+    return value.open() if isinstance(value, TarMember) else value
 
 
 @hookimpl
