@@ -231,6 +231,10 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     if config.scaling.elastic:
         config.run.grad_accumulation = elastic_accumulation(config, world_size)
     dist, prepared = worker_distributed(config, rank, world_size, device)
+    if config.data.engine == "ray":
+        from plait.launch.ray_data import worker_batches
+
+        dist.train_batches = worker_batches(config, dist.data_world_size)
     if loop_config.get("progress") is not None:
         send_nowait(loop_config["progress"], {"worker": {"rank": rank, **where_this_worker_logs()}})
     try:
@@ -369,12 +373,15 @@ def check_resources(config: PlaitConfig) -> None:
     if scaling.use_gpu:
         per_worker.setdefault("GPU", 1.0)
     workers = scaling.min_workers  # an elastic run starts with its minimum and grows as nodes join
+    data_cpus = config.data.cpus if config.data.engine == "ray" else 0.0
     for name, amount in per_worker.items():
         needed, available = amount * workers, float(resources.get(name, 0))
-        if needed > available:
+        extra = data_cpus if name == "CPU" else 0.0
+        if needed + extra > available:
             hint = " (no GPU in the cluster: set scaling.use_gpu=false)" if name == "GPU" and not available else ""
+            decoding = f" + data.cpus {extra:g} for Ray Data's decoding workers" if extra else ""
             raise ConfigError(
-                f"{config.source}: scaling: {workers} workers x {amount:g} {name} = {needed:g} {name}, "
+                f"{config.source}: scaling: {workers} workers x {amount:g} {name} = {needed:g} {name}{decoding}, "
                 f"but the Ray cluster has {available:g}{hint}"
             )
 
@@ -559,6 +566,15 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
         logging.getLogger("plait").info("Ray ready in %.1f s", time.perf_counter() - started)
         queue = Queue(maxsize=10_000, actor_options=on_this_node())
     cpus_per_worker = (scaling.resources_per_worker or {}).get("CPU", 1)
+    data: dict[str, Any] = {}
+    if config.data.engine == "ray":
+        if scaling.max_workers == 0:
+            raise ConfigError(f"{config.source}: data.engine: ray feeds Ray Train workers; set scaling.num_workers "
+                              "to 1 or more, or use data.engine: torch in-process")
+        from plait.launch.ray_data import datasets_for
+
+        datasets, data_config = datasets_for(config, raw, runs, scaling.max_workers, scaling.tensor_parallel)
+        data = {"datasets": datasets, "dataset_config": data_config}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"raw": raw, "source": config.source, "cwd": os.getcwd(), "progress": queue,
@@ -570,6 +586,7 @@ def train(config: PlaitConfig, raw: dict[str, Any], address: str | None = None,
             name=config.run.name, storage_path=runs,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
         ),
+        **data,
     )
     outcome: dict[str, Any] = {}
     workers: dict[int, dict[str, Any]] = {}  # rank -> node and log file, as each worker reports them
