@@ -31,6 +31,8 @@ class FusionOptions(TrainingControl):
     modality_dropout: float = Field(0.25, ge=0, lt=1,
                                     description="chance to hide each modality of a sample in training")
     contrastive_weight: float = Field(0.0, ge=0)
+    contrastive_gather: bool = Field(False, description="draw contrastive negatives from every worker's batch: "
+                                     "embeddings all-gathered with their gradients, each worker's rows against all")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term (1 - alpha under distillation)")
     head: TrainingControl = Field(default_factory=TrainingControl, description="how the classification head trains")
@@ -123,6 +125,52 @@ def contrastive_loss(outputs: dict) -> torch.Tensor | None:
     return torch.stack(losses).mean() if losses else None
 
 
+def gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every worker's rows of ``tensor``, by rank, with gradients flowing back to each worker's own (padded to
+    the largest worker's rows), and where this worker's start."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = torch.tensor([tensor.shape[0]], device=tensor.device)
+    every = [torch.zeros_like(sizes) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, sizes)
+    most = int(max(int(size) for size in every))
+    padded = F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, most - tensor.shape[0]))
+    return torch.cat(all_gather(padded), dim=0), dist.get_rank() * most
+
+
+def gathered_contrastive_loss(outputs: dict) -> torch.Tensor | None:
+    """``contrastive_loss`` over every worker's batch together (OpenCLIP's local loss with gather-with-grad):
+    each worker scores its own rows against all rows. Its loss is ``world_size`` times its rows' share of
+    the global sum, so that DDP's average of the workers' gradients is the gradient of the one-process loss
+    over the concatenated batch."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return contrastive_loss(outputs)
+    world, rows = dist.get_world_size(), next(iter(outputs["present"].values())).shape[0]
+    present, projected, start = {}, {}, 0
+    for m in sorted(outputs["projected"]):
+        projected[m], start = gather_rows(outputs["projected"][m].float())
+        present[m] = gather_rows(outputs["present"][m].float().unsqueeze(1))[0].squeeze(1) > 0.5
+    mine = torch.zeros_like(present[next(iter(present))])
+    mine[start:start + rows] = True
+    losses = []
+    for a, b in itertools.combinations(sorted(projected), 2):
+        both = present[a] & present[b]
+        total = int(both.sum())
+        if total < 2:
+            continue
+        left, right = F.normalize(projected[a][both], dim=-1), F.normalize(projected[b][both], dim=-1)
+        own = mine[both]
+        targets = torch.arange(total, device=left.device)[own]
+        scale = outputs["logit_scale"]
+        summed = (F.cross_entropy(scale * left[own] @ right.T, targets, reduction="sum")
+                  + F.cross_entropy(scale * right[own] @ left.T, targets, reduction="sum"))
+        losses.append(0.5 * summed * world / total)
+    return torch.stack(losses).mean() if losses else None
+
+
 @hookimpl
 def plait_config_schema():
     return FusionOptions
@@ -156,7 +204,7 @@ def plait_loss_terms(state, batch, outputs):
     terms = {"ce": options.ce_weight * F.cross_entropy(outputs["logits"].float(), batch["label"],
                                                        label_smoothing=options.label_smoothing)}
     if options.contrastive_weight:
-        contrastive = contrastive_loss(outputs)
+        contrastive = (gathered_contrastive_loss if options.contrastive_gather else contrastive_loss)(outputs)
         if contrastive is not None:
             terms["contrastive"] = options.contrastive_weight * contrastive
         else:  # no pair in this batch: the temperature still takes part (a zero gradient), so DDP
