@@ -407,8 +407,7 @@ def resolve(data: dict[str, Any], schemas: dict[str, type[BaseModel] | None], so
         schema = schemas.get(spec.plugin)
         if schema is None and spec.options:
             raise ConfigError(f"{source}: data.sources.{i}: plugin '{spec.plugin}' takes no options")
-        if schema is not None:
-            validate(schema, merge(config.plugins[spec.plugin], spec.options), source, prefix=f"data.sources.{i}")
+        with_plugin_options(config, spec.plugin, spec.options, schema, f"data.sources.{i}")  # checked now
     return config
 
 

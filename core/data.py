@@ -7,6 +7,7 @@ or what a runner supplies instead (``Distributed.train_batches``: Ray Data, in `
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sized
@@ -23,7 +24,7 @@ from .manager import Plugins
 
 __all__ = ["SAMPLE_INDEX", "LoaderBatches", "MixedDataset", "MixtureSampler", "ShardSampler", "SkipSampler",
            "TrainBatches", "TransformedDataset", "batches_of", "build_dataset", "epoch_loader", "epoch_sampler",
-           "make_loader", "move", "only_modalities", "source_shares"]
+           "label_order", "make_loader", "move", "only_modalities", "source_shares"]
 
 
 class ShardSampler(Sampler[int]):
@@ -85,7 +86,8 @@ class TransformedDataset(Dataset[dict[str, Any]]):
         return {**self.plugin_collate(samples), SAMPLE_INDEX: indices}
 
 
-def _label_key(label: str) -> tuple[int, int, str]:
+def label_order(label: str) -> tuple[int, int, str]:
+    """How class names sort: numbers by value, before names in alphabetical order."""
     return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
 
 
@@ -100,7 +102,7 @@ class MixedDataset(Dataset[dict[str, Any]]):
         self.offsets = list(itertools.accumulate(self.sizes, initial=0))
         same = all(list(source.classes) == list(sources[0].classes) for source in sources)
         self.classes: list[str] = (list(sources[0].classes) if same else
-                                   sorted({str(c) for source in sources for c in source.classes}, key=_label_key))
+                                   sorted({str(c) for source in sources for c in source.classes}, key=label_order))
         index = {name: i for i, name in enumerate(self.classes)}
         self.label_maps = [[index[str(c)] for c in source.classes] for source in sources]
         self.modalities = tuple(dict.fromkeys(m for source in sources for m in source.modalities))
@@ -111,10 +113,9 @@ class MixedDataset(Dataset[dict[str, Any]]):
         return self.offsets[-1]
 
     def source_of(self, index: int) -> int:
-        for source, end in enumerate(self.offsets[1:]):
-            if index < end:
-                return source
-        raise IndexError(index)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return bisect.bisect_right(self.offsets, index) - 1
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         source = self.source_of(index)

@@ -163,13 +163,11 @@ def _loaders(config: PlaitConfig, dist: Distributed, model: torch.nn.Module, tra
     train: TrainBatches
     if dist.train_batches is not None:
         train = dist.train_batches(train_set)
-    elif isinstance(train_set.base, MixedDataset):  # the mixture's own order, already one per data replica
-        sampler = epoch_sampler(train_set, run.seed, dist.data_rank, dist.data_world_size)
-        train = LoaderBatches(dist.prepare_loader(make_loader(train_set, run.batch_size, False, run.seed,
-                                                              run.loader_workers, sampler), False), run.seed)
-    else:
-        train = LoaderBatches(dist.prepare_loader(make_loader(train_set, run.batch_size, True, run.seed,
-                                                              run.loader_workers), True), run.seed)
+    else:  # a mixture reads in its own order, already one per data replica; other sets get the runner's sampler
+        mixture = isinstance(train_set.base, MixedDataset)
+        sampler = epoch_sampler(train_set, run.seed, dist.data_rank, dist.data_world_size) if mixture else None
+        train = LoaderBatches(dist.prepare_loader(make_loader(train_set, run.batch_size, not mixture, run.seed,
+                                                              run.loader_workers, sampler), not mixture), run.seed)
     loaders = {split: dist.prepare_loader(make_loader(ds, run.eval_batch_size, False, run.seed, run.loader_workers,
                                                       ShardSampler(len(ds), dist.data_rank, dist.data_world_size)),
                                      False)

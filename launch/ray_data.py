@@ -120,8 +120,10 @@ def replica_datasets(plan: Any, replicas: int, cpus: float, decoder: dict[str, A
         mine = plan.filter(lambda row, r=replica: row["replica"] == r)
         datasets.append(mine.map_batches(DecodeBatches, fn_constructor_kwargs=decoder, batch_size=1, concurrency=size,
                                          num_cpus=per_actor, batch_format="numpy"))
-    for dataset in datasets:
-        dataset.context.execution_options.preserve_order = True
+    for dataset in datasets:  # each dataset runs under its own copy of the DataContext
+        dataset.context.execution_options.preserve_order = True  # the plan's order
+        dataset.context.enable_progress_bars = False  # the driver draws plait's bar; Ray Data's would interleave
+        dataset.context.print_on_execution_start = False
     return datasets
 
 
@@ -150,10 +152,6 @@ def datasets_for(config: PlaitConfig, raw: dict[str, Any], runs: str, workers: i
         raise ConfigError(f"{config.source}: data.engine: ray runs a fixed number of workers; give "
                           "scaling.num_workers one count, or use data.engine: torch for an elastic run")
     replicas, cwd = workers // tensor_parallel, os.getcwd()
-    context = ray.data.DataContext.get_current()  # what Ray Train hands its data workers, copied at the trainer
-    context.execution_options.preserve_order = True  # the plan's order
-    context.enable_progress_bars = False  # the driver draws plait's bar; Ray Data's would interleave with it
-    context.print_on_execution_start = False
     decoder = {"raw": raw, "source": config.source, "cwd": cwd}
     name, seed, batch, source = config.run.name, config.run.seed, config.run.batch_size, config.source
 

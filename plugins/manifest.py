@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 from torch.utils.data import Dataset
 
 from plait.core.config import Options
+from plait.core.data import label_order
 from plait.core.errors import DataError, nearest
 from plait.core.hookspecs import hookimpl
 from plait.modalities import MODALITIES
@@ -124,9 +125,9 @@ def _parquet_rows(path: Path) -> list[tuple[str, dict]]:
     unknown = [c for c in table.column_names if c not in COLUMNS]
     if unknown:
         raise DataError(f"{path}: unknown column '{unknown[0]}'{nearest(unknown[0], COLUMNS)}")
-    missing = [c for c in ("label",) if c not in table.column_names]
-    if missing or not set(MODALITIES) & set(table.column_names):
-        need = "a 'label' column" if missing else "an image, audio or text column"
+    has_label = "label" in table.column_names
+    if not has_label or not set(MODALITIES) & set(table.column_names):
+        need = "an image, audio or text column" if has_label else "a 'label' column"
         raise DataError(f"{path}: the Parquet file has no {need} (its columns: {', '.join(table.column_names)})")
     return [(f"{path}:row {i + 1}", row) for i, row in enumerate(table.to_pylist())]
 
@@ -171,10 +172,6 @@ def _text_rows(path: Path) -> list[tuple[int, dict]]:
     return [(reader.line_num, row) for row in reader]
 
 
-def _sort_key(label: str):
-    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)
-
-
 class Manifest(Dataset):
     collate_fn = staticmethod(collate)
 
@@ -214,7 +211,7 @@ class Manifest(Dataset):
             if all(entry[m] is None for m in MODALITIES):
                 raise DataError(f"{where}: row has no image, audio or text")
             self.rows.append(entry)
-        self.classes = classes or sorted({r["label"] for r in self.rows}, key=_sort_key)
+        self.classes = classes or sorted({r["label"] for r in self.rows}, key=label_order)
         index = {name: i for i, name in enumerate(self.classes)}
         for entry in self.rows:
             if entry["label"] not in index:
@@ -268,5 +265,5 @@ def plait_build_dataset(config, split):
     classes = options.classes
     if classes is None and split != "train" and options.train:  # label order of the training split
         labels = {str(row.get("label", "")).strip() for _, row in read_rows(Path(options.train))}
-        classes = sorted(labels - {""}, key=_sort_key)
+        classes = sorted(labels - {""}, key=label_order)
     return Manifest(Path(path), options, classes)
