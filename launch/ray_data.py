@@ -117,7 +117,9 @@ def replica_datasets(plan: Any, replicas: int, cpus: float, decoder: dict[str, A
     per_actor = cpus / (replicas * size)
     datasets = []
     for replica in range(replicas):
-        mine = plan.filter(lambda row, r=replica: row["replica"] == r)
+        # the filter is a Ray task of its own: at the default 1 CPU it would wait for ever on a cluster that
+        # has just the CPUs the run asks for (train workers and data.cpus)
+        mine = plan.filter(lambda row, r=replica: row["replica"] == r, num_cpus=0)
         datasets.append(mine.map_batches(DecodeBatches, fn_constructor_kwargs=decoder, batch_size=1, concurrency=size,
                                          num_cpus=per_actor, batch_format="numpy"))
     for dataset in datasets:  # each dataset runs under its own copy of the DataContext

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 def ray_session():
     import ray
 
-    # 2 Train workers of 1 CPU and the decoding workers' data.cpus: more logical CPUs than this machine's 2
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+    # 2 Train workers of 1 CPU and the decoding workers' data.cpus 1, and not one CPU more: a part of the data
+    # pipeline that asked for a CPU of its own would wait for ever (more logical CPUs than this machine's 2)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(PLUGINS_FOR_TESTS)}})
     yield
     ray.shutdown()
