@@ -121,7 +121,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from plait.launch.preprocess import option_pairs, run_preprocess
 
     options = option_pairs([*args.options, *getattr(args, "extra", [])])
-    return run_preprocess(args.name, options, args.input, args.output, args.query, args.json)
+    return run_preprocess(args.name, options, args.input, args.output, args.query, args.json, on_ray=args.ray,
+                          address=args.address, cpus=args.cpus, rows_per_part=args.rows_per_part)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -289,8 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "`plait preprocess legal --corpus DIR --query '...' --k 5 --json`.")
     preprocess.add_argument("name", help="the plugin (legal is legal_rag)")
     preprocess.add_argument("options", nargs="*", metavar="key=value", help="the plugin's options")
-    preprocess.add_argument("--input", help="a JSONL file whose lines have a 'text' field")
-    preprocess.add_argument("--output", help="where the JSONL goes (default: stdout)")
+    preprocess.add_argument("--input", help="a JSONL or Parquet file whose rows have a 'text' field, or a folder "
+                                            "of them (read in name order)")
+    preprocess.add_argument("--output", help="where the JSONL goes (default: stdout); with --ray, a new folder")
+    preprocess.add_argument("--ray", action="store_true",
+                            help="transform across a Ray cluster (RAY_ADDRESS, --address, or a local one) and "
+                                 "write part-NNNNN.jsonl files whose concatenation is the one-process output")
+    preprocess.add_argument("--address", help="with --ray: the cluster (default: RAY_ADDRESS or a local Ray)")
+    preprocess.add_argument("--cpus", type=int, help="with --ray: how many CPUs (actors) transform (default: all)")
+    preprocess.add_argument("--rows-per-part", type=int, default=2_000,
+                            help="rows per chunk of work, and per output part with --ray (default: 2000)")
     preprocess.add_argument("--query", help="transform this one text instead of a file")
     preprocess.add_argument("--json", action="store_true", help="with --query: print JSON only")
     preprocess.set_defaults(func=cmd_preprocess, takes_plugin_options=True)
