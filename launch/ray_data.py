@@ -13,8 +13,9 @@ data replica reads and Ray Data only executes that plan, in order (``preserve_or
 - Ray Train calls the plan's factory each time it starts the worker group, and the factory begins the plan
   at the newest checkpoint's place (epoch and batches done): a resumed or restarted run reads exactly the
   batches it had not trained on, with no repeat and no gap;
-- each replica's plan is a dataset of its own (``ReplicaDataConfig``), and every batch comes to the worker
-  with its epoch and number, which the worker checks against the batch it expects.
+- each replica's plan is a dataset of its own (``train_0``, ``train_1``...; ``ReplicaDataConfig`` gives the
+  workers of replica r ``train_r``), and every batch comes to the worker with its epoch and number, which the
+  worker checks against the batch it expects.
 
 A batch's random transforms draw from a generator seeded by the run's seed, the epoch, the replica and the
 batch number: a resumed run augments its batches as the run it continues would have.
@@ -70,17 +71,20 @@ def newest_saved_state(runs: str, name: str, source: str) -> dict[str, Any] | No
     return json.loads((found / "state.json").read_text()) if found is not None else None
 
 
-def plan_rows(dataset: TransformedDataset, config: PlaitConfig, replicas: int,
+def plan_rows(dataset: TransformedDataset, config: PlaitConfig, replica: int, replicas: int,
               start: tuple[int, int]) -> list[dict[str, Any]]:
-    """One row per batch still to train on, every replica's, from ``start`` to the last epoch."""
+    """One row per batch that data replica ``replica`` has still to train on, from ``start`` to the last epoch."""
     run, rows = config.run, []
-    for replica in range(replicas):
-        sampler = epoch_sampler(dataset, run.seed, replica, replicas)
-        for epoch in range(start[0], run.epochs):
-            for number, indices in enumerate(batches_of(sampler, run.batch_size, epoch)):
-                if epoch > start[0] or number >= start[1]:
-                    rows.append({"replica": replica, "epoch": epoch, "batch": number, "indices": indices})
+    sampler = epoch_sampler(dataset, run.seed, replica, replicas)
+    for epoch in range(start[0], run.epochs):
+        for number, indices in enumerate(batches_of(sampler, run.batch_size, epoch)):
+            if epoch > start[0] or number >= start[1]:
+                rows.append({"replica": replica, "epoch": epoch, "batch": number, "indices": indices})
     return rows
+
+
+def plan_name(replica: int) -> str:
+    return f"{DATASET}_{replica}"
 
 
 class DecodeBatches:
@@ -110,27 +114,23 @@ def transform_seed(seed: int, epoch: int, replica: int, number: int) -> int:
     return (((seed * 1_000_003 + epoch) * 10_007 + replica) * 1_000_003 + number) % 2**63
 
 
-def replica_datasets(plan: Any, replicas: int, cpus: float, decoder: dict[str, Any]) -> list[Any]:
-    """Each replica's batches: its plan rows decoded by a pool of ``DecodeBatches`` actors, ``cpus`` CPUs shared
-    out over the replicas' pools."""
+def decoded(plan: Any, replicas: int, cpus: float, decoder: dict[str, Any]) -> Any:
+    """One replica's batches: its plan rows decoded by a pool of ``DecodeBatches`` actors, ``cpus`` CPUs shared
+    out over the replicas' pools. Nothing else in the pipeline asks for a CPU: the run needs only the train
+    workers' and ``data.cpus``."""
     size = max(1, math.floor(cpus / replicas))
-    per_actor = cpus / (replicas * size)
-    datasets = []
-    for replica in range(replicas):
-        # the filter is a Ray task of its own: at the default 1 CPU it would wait for ever on a cluster that
-        # has just the CPUs the run asks for (train workers and data.cpus)
-        mine = plan.filter(lambda row, r=replica: row["replica"] == r, num_cpus=0)
-        datasets.append(mine.map_batches(DecodeBatches, fn_constructor_kwargs=decoder, batch_size=1, concurrency=size,
-                                         num_cpus=per_actor, batch_format="numpy"))
-    for dataset in datasets:  # each dataset runs under its own copy of the DataContext
-        dataset.context.execution_options.preserve_order = True  # the plan's order
-        dataset.context.enable_progress_bars = False  # the driver draws plait's bar; Ray Data's would interleave
-        dataset.context.print_on_execution_start = False
-    return datasets
+    dataset = plan.map_batches(DecodeBatches, fn_constructor_kwargs=decoder, batch_size=1, concurrency=size,
+                               num_cpus=cpus / (replicas * size), batch_format="numpy")
+    dataset.context.execution_options.preserve_order = True  # the plan's order (each dataset has its own context)
+    dataset.context.enable_progress_bars = False  # the driver draws plait's bar; Ray Data's would interleave
+    dataset.context.print_on_execution_start = False
+    return dataset
 
 
-def ray_data_config(replicas: int, tensor_parallel: int, cpus: float, decoder: dict[str, Any]) -> Any:
-    """Ray Train's ``DataConfig`` that gives the workers of each data replica that replica's dataset."""
+def ray_data_config(replicas: int, cpus: float, decoder: dict[str, Any]) -> Any:
+    """Ray Train's ``DataConfig`` for the replicas' plans: it configures one plan when a worker first asks for it
+    (``get_dataset_shard``); each worker of the replica reads all of it (a tensor-parallel group reads the same
+    batches)."""
     from ray.train import DataConfig
 
     class ReplicaDataConfig(DataConfig):
@@ -139,15 +139,16 @@ def ray_data_config(replicas: int, tensor_parallel: int, cpus: float, decoder: d
 
         def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any,
                       **kwargs: Any) -> list[dict[str, Any]]:
-            iterators = [d.iterator() for d in replica_datasets(datasets[DATASET], replicas, cpus, decoder)]
-            return [{DATASET: iterators[rank // tensor_parallel]} for rank in range(world_size)]
+            iterators = {name: decoded(plan, replicas, cpus, decoder).iterator() for name, plan in datasets.items()}
+            return [dict(iterators) for _ in range(world_size)]
 
     return ReplicaDataConfig()
 
 
 def datasets_for(config: PlaitConfig, raw: dict[str, Any], runs: str, workers: int,
                  tensor_parallel: int) -> tuple[dict[str, Callable[[], Any]], Any]:
-    """The trainer's ``datasets`` (the plan, made afresh at each worker-group start) and its ``DataConfig``."""
+    """The trainer's ``datasets`` (each replica's plan, made afresh at each worker-group start) and its
+    ``DataConfig``."""
     import ray.data
 
     if config.scaling.elastic:
@@ -157,18 +158,25 @@ def datasets_for(config: PlaitConfig, raw: dict[str, Any], runs: str, workers: i
     decoder = {"raw": raw, "source": config.source, "cwd": cwd}
     name, seed, batch, source = config.run.name, config.run.seed, config.run.batch_size, config.source
 
-    def plan() -> Any:
-        """Runs in Ray Train's controller, at each start of the worker group."""
-        if os.path.isdir(cwd):
-            os.chdir(cwd)
-        checked, plugins = prepare(raw, source)
-        dataset = build_dataset(plugins, checked, "train")
-        assert dataset is not None
-        start = start_of(newest_saved_state(runs, name, source), batches_per_epoch(dataset, seed, replicas, batch),
-                         replicas)
-        return ray.data.from_items(plan_rows(dataset, checked, replicas, start))
+    built: dict[str, Any] = {}  # the training set, made once in the controller for every replica's plan
 
-    return {DATASET: plan}, ray_data_config(replicas, tensor_parallel, config.data.cpus, decoder)
+    def plan_of(replica: int) -> Callable[[], Any]:
+        def plan() -> Any:
+            """Runs in Ray Train's controller, at each start of the worker group."""
+            if os.path.isdir(cwd):
+                os.chdir(cwd)
+            if not built:
+                built["config"], plugins = prepare(raw, source)
+                built["dataset"] = build_dataset(plugins, built["config"], "train")
+            dataset, checked = built["dataset"], built["config"]
+            start = start_of(newest_saved_state(runs, name, source),
+                             batches_per_epoch(dataset, seed, replicas, batch), replicas)
+            return ray.data.from_items(plan_rows(dataset, checked, replica, replicas, start))
+
+        return plan
+
+    return ({plan_name(replica): plan_of(replica) for replica in range(replicas)},
+            ray_data_config(replicas, config.data.cpus, decoder))
 
 
 class _Unpickle:
@@ -212,12 +220,13 @@ class RayBatches:
         raise PlaitError(f"Ray Data's stream ended before batch {number} of epoch {epoch}")
 
 
-def worker_batches(config: PlaitConfig, data_world_size: int) -> Callable[[TransformedDataset], RayBatches]:
-    """``Distributed.train_batches`` for a Ray Train worker: its shard of the plan."""
+def worker_batches(config: PlaitConfig, data_rank: int,
+                   data_world_size: int) -> Callable[[TransformedDataset], RayBatches]:
+    """``Distributed.train_batches`` for a Ray Train worker: its data replica's plan."""
     import ray.train
 
     def make(dataset: TransformedDataset) -> RayBatches:
         per_epoch = batches_per_epoch(dataset, config.run.seed, data_world_size, config.run.batch_size)
-        return RayBatches(ray.train.get_dataset_shard(DATASET), per_epoch, config.data.prefetch_batches)
+        return RayBatches(ray.train.get_dataset_shard(plan_name(data_rank)), per_epoch, config.data.prefetch_batches)
 
     return make

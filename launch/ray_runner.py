@@ -234,7 +234,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     if config.data.engine == "ray":
         from plait.launch.ray_data import worker_batches
 
-        dist.train_batches = worker_batches(config, dist.data_world_size)
+        dist.train_batches = worker_batches(config, dist.data_rank, dist.data_world_size)
     if loop_config.get("progress") is not None:
         send_nowait(loop_config["progress"], {"worker": {"rank": rank, **where_this_worker_logs()}})
     try:
