@@ -2,6 +2,7 @@
 Ray cluster, in parts whose concatenation is the one-process output byte for byte; Parquet and folder input;
 bad input."""
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +20,8 @@ BAD = {7: b"not json", 13: b"", 99: b'{"text": "bad \xff byte, Dr. Lee"}', 1234:
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False)
+    # "local": a new instance even where an earlier test left a cluster address in /tmp/ray.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     yield
     ray.shutdown()
 
