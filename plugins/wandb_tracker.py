@@ -38,6 +38,7 @@ class WandbOptions(Options):
 
 
 RUN = StashKey[Any]()
+OWNS_SESSION = StashKey[bool]()  # no other W&B run was active in this process when the fit began
 
 
 @hookimpl
@@ -54,6 +55,7 @@ def plait_fit_start(state):
     options = state.config.options(WandbOptions)
     record = state.run_dir / RUN_RECORD
     run_id = json.loads(record.read_text())["run_id"] if record.exists() else uuid.uuid4().hex[:12]
+    active = wandb.run
     settings = wandb.Settings(silent=True, console="off", x_disable_stats=not options.system_metrics,
                               disable_git=True, disable_code=True)
     run = wandb.init(project=options.project, entity=options.entity, mode=options.mode, dir=str(state.run_dir),
@@ -61,6 +63,7 @@ def plait_fit_start(state):
                      config=yaml.safe_load(state.config.to_yaml()), settings=settings)
     write_json_atomic(record, {"run_id": run_id, "mode": options.mode})
     state.plugins.stash[RUN] = run
+    state.plugins.stash[OWNS_SESSION] = active is None
     log.info("wandb: run %s (%s) in %s", run_id, options.mode, state.run_dir / "wandb")
 
 
@@ -81,3 +84,10 @@ def plait_fit_end(state):
     results = {k: v for k, v in state.metrics.get("run", {}).items() if k not in ("test", "val")}
     run.summary.update({**numbers(state.metrics.get("test", {}), "test"), **numbers(results, "run")})
     run.finish()
+    if state.plugins.stash.get(OWNS_SESSION):
+        import wandb
+
+        # run.finish() only tells wandb-core the run is over; it writes and closes the run file after that,
+        # and its atexit teardown does not run in Ray's worker processes. Wait for it, so the offline run is
+        # complete (ready for wandb sync) when the fit returns.
+        wandb.teardown()

@@ -136,18 +136,23 @@ def test_wandb_offline_keeps_the_config_and_the_metric_history(tmp_path):
     state = train_steps(tmp_path, {"wandb": {"project": "trackers-test"}}, steps=3)
     run_id = json.loads((state.run_dir / "wandb.json").read_text())["run_id"]
     (run_file,) = (state.run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
-    config, history, summary = {}, {}, {}
+    config, history, summary, kinds = {}, {}, {}, []
     for record in wandb_records(run_file):
         kind = record.WhichOneof("record_type")
-        if kind == "run":
+        kinds.append(kind)
+        if kind == "run":  # the config given to wandb.init; later changes come as config records
             config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
             assert record.run.project == "trackers-test" and record.run.display_name == "tiny"
+        elif kind == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update if item.key})
         elif kind == "history":
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
             history[row["_step"]] = row
         elif kind == "summary":
             summary.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                             for item in record.summary.update})
+    assert kinds[:2] == ["header", "run"] and kinds[-1] == "exit", f"{run_file}: incomplete after the fit: {kinds}"
+    assert "run" in config, f"{run_file}: no plait config among the records {kinds}, config keys {sorted(config)}"
     assert config["run"]["max_steps"] == 3 and config["plugins"]["fusion"]["dim"] == 32
     rows = [json.loads(line) for line in (state.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {step: row["train/loss"] for step, row in history.items()} == \
