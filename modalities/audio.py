@@ -177,9 +177,11 @@ class LogMel(nn.Module):
         return lengths // self.hop + 1
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        short = self.mel.n_fft - wave.shape[-1]
-        if short > 0:  # a batch of clips shorter than one window: the STFT's reflect padding needs one
-            wave = nn.functional.pad(wave, (0, short))
+        # Silence after every clip, the longest too: the windows of a clip's last frames then see zeros past
+        # its end, as they do in a batch padded for a longer clip, not the STFT's reflection. So a clip's
+        # features do not depend on the batch it is in (nor does a teacher's output cached apart from it).
+        # It also gives a batch of clips shorter than one window the length the reflect padding needs.
+        wave = nn.functional.pad(wave, (0, max(self.mel.n_fft // 2, self.mel.n_fft - wave.shape[-1])))
         spec = torch.log(self.mel(wave.float()) + 1e-10)  # [B, n_mels, frames]
         frames = self.frames(lengths).clamp(max=spec.shape[-1])
         mask = (torch.arange(spec.shape[-1], device=spec.device)[None, :] < frames[:, None]).unsqueeze(1)

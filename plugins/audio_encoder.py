@@ -54,13 +54,16 @@ class AudioEncoder(nn.Module):
 
     def forward(self, inputs: dict) -> torch.Tensor:
         spec, mask = self.front(inputs["audio"], inputs["lengths"])
-        short = 2 ** self.pools - spec.shape[-1]
-        if short > 0:  # fewer frames than the CNN's poolings halve away (clips under ~0.15 s)
-            spec, mask = nn.functional.pad(spec, (0, short)), nn.functional.pad(mask, (0, short))
-        features = self.cnn(self.augment(spec).unsqueeze(1)).mean(dim=2)  # [B, C, T']
-        for _ in range(self.pools):
-            mask = nn.functional.max_pool1d(mask.float().unsqueeze(1), 2).squeeze(1)
-        mask = mask[:, : features.shape[-1]].unsqueeze(1) > 0
+        # Frames to a multiple of what the poolings halve away, and each block's output zeroed past the clip's
+        # end: a clip's features are then what they would be alone, whatever longer clips share its batch.
+        short = -spec.shape[-1] % 2 ** self.pools
+        spec, mask = nn.functional.pad(spec, (0, short)), nn.functional.pad(mask, (0, short))
+        x, frames = self.augment(spec).unsqueeze(1), mask.float().unsqueeze(1)
+        for block in self.cnn:
+            frames = nn.functional.max_pool1d(frames, 2)
+            x = block(x) * frames.unsqueeze(1)
+        features = x.mean(dim=2)  # [B, C, T']
+        mask = frames > 0
         weights = self.attend(features).masked_fill(~mask, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
         mean = (features * weights).sum(-1)
         peak = features.masked_fill(~mask, float("-inf")).amax(-1)

@@ -158,3 +158,23 @@ def test_unknown_voice_is_one_error_from_the_child():
 
     with pytest.raises(DataError, match="exit code 2"):
         speak([Utterance("one", "xx-nonexistent")])
+
+
+def test_a_clips_audio_embedding_does_not_depend_on_the_clips_it_is_batched_with():
+    from plait.plugins.audio_encoder import AudioEncoder, AudioEncoderOptions
+
+    torch.manual_seed(0)
+    encoder = AudioEncoder(AudioEncoderOptions(channels=[4, 8, 8], dim=16)).eval()
+    clips = [torch.randn(n) * 0.1 for n in (3_000, 5_123, 16_000, 9_871)]
+
+    def embed(batch):
+        waves = torch.zeros(len(batch), max(len(c) for c in batch))
+        for row, clip in enumerate(batch):
+            waves[row, :len(clip)] = clip
+        with torch.no_grad():
+            return encoder({"audio": waves, "lengths": torch.tensor([len(c) for c in batch])})
+
+    alone = torch.cat([embed([clip]) for clip in clips])
+    together = embed(clips)  # each padded to the longest, and the longest with no padding at all
+    assert torch.allclose(alone, together, atol=1e-6)
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)  # the clips are told apart
