@@ -198,6 +198,8 @@ class DataSettings(Options):
                                             "(small local sets); ray: Ray Data decodes on separate CPU workers")
     cpus: float = Field(1.0, gt=0, description="engine ray: the CPUs of the decoding workers, all together")
     prefetch_batches: int = Field(2, ge=0, description="engine ray: batches each training worker holds ready")
+    views: int = Field(0, ge=0, description="augmented views per training sample: epoch e sees view e % views "
+                       "(0: a new view every epoch); a teacher's cache stores that many")
     sources: list[DataSource] | None = Field(None, description="a training mixture: [{manifest: a.csv, weight: "
                                              "0.7}, {manifest: b.csv, weight: 0.3}], drawn by weight each epoch")
 

@@ -22,9 +22,29 @@ from .config import PlaitConfig, with_plugin_options
 from .errors import DataError, PluginError
 from .manager import Plugins
 
-__all__ = ["SAMPLE_INDEX", "LoaderBatches", "MixedDataset", "MixtureSampler", "ShardSampler", "SkipSampler",
-           "TrainBatches", "TransformedDataset", "batches_of", "build_dataset", "epoch_loader", "epoch_sampler",
-           "label_order", "make_loader", "move", "only_modalities", "source_shares"]
+__all__ = [
+    "SAMPLE_INDEX",
+    "TRANSFORM_SEED",
+    "EpochKeys",
+    "LoaderBatches",
+    "MixedDataset",
+    "MixtureSampler",
+    "SampleKey",
+    "ShardSampler",
+    "SkipSampler",
+    "TrainBatches",
+    "TransformedDataset",
+    "batches_of",
+    "build_dataset",
+    "epoch_loader",
+    "epoch_sampler",
+    "label_order",
+    "make_loader",
+    "move",
+    "only_modalities",
+    "source_shares",
+    "view_seed",
+]
 
 
 class ShardSampler(Sampler[int]):
@@ -56,17 +76,37 @@ class SkipSampler(Sampler[int]):
 
 
 SAMPLE_INDEX = "sample_index"  # each batch's positions in its data set: which samples a step trained on
+TRANSFORM_SEED = "transform_seed"  # the seed each sample's transforms drew from: which augmented view it is
+
+#: a training sample's key: (its position in the data set, the epoch that reads it)
+SampleKey = tuple[int, int]
+
+
+def view_seed(seed: int, index: int, view: int) -> int:
+    """The seed of view ``view`` of sample ``index``: what its sample transforms draw from, wherever it is
+    decoded (a DataLoader worker, a Ray Data actor, a teacher's cache)."""
+    return ((seed * 1_000_003 + view) * 2_147_483_647 + index) % 2**63
 
 
 class TransformedDataset(Dataset[dict[str, Any]]):
     """A data set whose samples pass through the plugins' sample transforms; it carries the
     attributes the loop reads from the plugin's data set (``plait_build_dataset``). Its batches
-    hold ``batch["sample_index"]``, the samples' positions in the data set, beside what the
-    plugin's collate makes."""
+    hold ``batch["sample_index"]``, the samples' positions in the data set, and
+    ``batch["transform_seed"]``, beside what the plugin's collate makes.
 
-    def __init__(self, base: Any, transforms: list[Callable[[dict[str, Any]], dict[str, Any]]]) -> None:
+    A sample is read by its position, or by ``(position, epoch)`` (``SampleKey``, as ``EpochKeys`` gives
+    them). Its transforms draw from torch's CPU generator seeded by ``view_seed`` for the epoch's view:
+    ``epoch % views``, or the epoch itself when ``views`` is 0 (a new view every epoch; without transforms
+    there is one view, 0). So a sample's
+    augmented view depends only on the run's seed, the sample and the view: not on which worker decodes
+    it, in what order, or whether the run was resumed; and a teacher can be run on the very views the
+    student will see."""
+
+    def __init__(self, base: Any, transforms: list[Callable[[dict[str, Any]], dict[str, Any]]], seed: int = 0,
+                 views: int = 0) -> None:
         self.base = base
         self.transforms = transforms
+        self.seed, self.views = seed, views
         self.classes: list[str] = list(base.classes)
         self.modalities: tuple[str, ...] = tuple(base.modalities)
         self.plugin_collate: Callable[[list[dict[str, Any]]], dict[str, Any]] = base.collate_fn
@@ -75,15 +115,47 @@ class TransformedDataset(Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def view_of(self, epoch: int) -> int:
+        """Which view of its samples ``epoch`` reads: there is only one without transforms."""
+        if not self.transforms:
+            return 0
+        return epoch % self.views if self.views else epoch
+
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        seed = view_seed(self.seed, index, self.view_of(epoch))
         sample: dict[str, Any] = self.base[index]
-        for transform in self.transforms:
-            sample = transform(sample)
-        return {**sample, SAMPLE_INDEX: index}
+        if self.transforms:
+            with torch.random.fork_rng(devices=[]):  # the run's own random stream (dropout...) is left as it was
+                torch.default_generator.manual_seed(seed)
+                for transform in self.transforms:
+                    sample = transform(sample)
+        return {**sample, SAMPLE_INDEX: index, TRANSFORM_SEED: seed}
 
     def collate_fn(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         indices = torch.tensor([sample.pop(SAMPLE_INDEX) for sample in samples])
-        return {**self.plugin_collate(samples), SAMPLE_INDEX: indices}
+        seeds = torch.tensor([sample.pop(TRANSFORM_SEED) for sample in samples])
+        return {**self.plugin_collate(samples), SAMPLE_INDEX: indices, TRANSFORM_SEED: seeds}
+
+
+class EpochKeys(Sampler[SampleKey]):
+    """A sampler's positions as ``SampleKey``s of the epoch it was last set to (``set_epoch``, which it
+    passes on), so that each sample's transforms know which view to draw. It runs in the main process,
+    also when DataLoader workers decode."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        return ((int(index), self.epoch) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def label_order(label: str) -> tuple[int, int, str]:
@@ -236,7 +308,7 @@ def build_dataset(plugins: Plugins, config: PlaitConfig, split: str) -> Transfor
         return None
     transforms = [t for result in plugins.call_each(hookspecs.plait_sample_transforms, config=config,
                                                     split=split).values() for t in (result or [])]
-    return TransformedDataset(dataset, transforms)
+    return TransformedDataset(dataset, transforms, config.run.seed, config.data.views)
 
 
 def make_loader(dataset: TransformedDataset, batch_size: int, shuffle: bool, seed: int, workers: int,
@@ -276,10 +348,20 @@ class TrainBatches(Protocol):
 
 @dataclass
 class LoaderBatches:
-    """``TrainBatches`` from a DataLoader: each worker decodes its own samples."""
+    """``TrainBatches`` from a DataLoader: each worker decodes its own samples. The loader's sampler
+    (whichever the runner chose) is wrapped in ``EpochKeys``, so that samples are read by epoch."""
 
     loader: DataLoader[dict[str, Any]]
     seed: int
+
+    def __post_init__(self) -> None:
+        loader = self.loader
+        if not isinstance(loader.sampler, EpochKeys):
+            self.loader = DataLoader(
+                loader.dataset, batch_size=loader.batch_size, sampler=EpochKeys(loader.sampler),
+                collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                persistent_workers=loader.num_workers > 0)
 
     def __len__(self) -> int:
         return len(self.loader)

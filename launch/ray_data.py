@@ -17,8 +17,8 @@ data replica reads and Ray Data only executes that plan, in order (``preserve_or
   workers of replica r ``train_r``), and every batch comes to the worker with its epoch and number, which the
   worker checks against the batch it expects.
 
-A batch's random transforms draw from a generator seeded by the run's seed, the epoch, the replica and the
-batch number: a resumed run augments its batches as the run it continues would have.
+Each sample is read by its index and epoch, so its random transforms draw the view the DataLoader path draws
+(``plait.core.data.view_seed``): either engine, and a resumed run, trains on the same augmented samples.
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ import torch
 from plait.core import checkpoint
 from plait.core.config import PlaitConfig
 from plait.core.data import TransformedDataset, batches_of, build_dataset, epoch_sampler
-from plait.core.distributed import seed_everything
 from plait.core.errors import ConfigError, PlaitError
 from plait.core.runs import prepare
 
@@ -102,16 +101,10 @@ class DecodeBatches:
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batches = []
-        for replica, epoch, number, indices in zip(rows["replica"], rows["epoch"], rows["batch"], rows["indices"],
-                                                   strict=True):
-            seed_everything(transform_seed(self.config.run.seed, int(epoch), int(replica), int(number)))
-            samples = [self.dataset[int(i)] for i in indices]
+        for epoch, indices in zip(rows["epoch"], rows["indices"], strict=True):
+            samples = [self.dataset[(int(i), int(epoch))] for i in indices]  # each its view of the epoch
             batches.append(pickle.dumps(self.dataset.collate_fn(samples), protocol=pickle.HIGHEST_PROTOCOL))
         return {"epoch": rows["epoch"], "batch": rows["batch"], "collated": np.array(batches, dtype=object)}
-
-
-def transform_seed(seed: int, epoch: int, replica: int, number: int) -> int:
-    return (((seed * 1_000_003 + epoch) * 10_007 + replica) * 1_000_003 + number) % 2**63
 
 
 def decoded(plan: Any, replicas: int, cpus: float, decoder: dict[str, Any]) -> Any:
