@@ -152,7 +152,9 @@ def plait_sample_transforms(config: PlaitConfig, split: str) -> list[Callable[[d
     :param split: "train", "val" or "test".
 
     Each transform takes a sample dict and returns one. They run in DataLoader workers and Ray
-    workers, so they must be picklable (module-level classes, not lambdas). Augmentation and
+    workers, so they must be picklable (module-level classes, not lambdas). Random ones draw from
+    torch's CPU generator, which plait seeds for each training sample and view
+    (``plait.core.data.view_seed``), so a view is the same wherever it is decoded. Augmentation and
     domain preprocessing live here. ``plait preprocess NAME`` applies a plugin's transforms
     (split ``test``) to JSONL lines; a transform with a ``preview_field`` attribute names the
     field ``--query TEXT --json`` prints (legal_rag: ``passages``).

@@ -21,7 +21,8 @@ class AugmentOptions(Options):
 
 
 class SampleAugment:
-    """Picklable: runs in DataLoader and Ray workers. Randomness comes from torch's RNG."""
+    """Picklable: runs in DataLoader and Ray workers. Randomness comes from torch's RNG, which plait
+    seeds per sample and view: the same view of a sample is the same wherever it is decoded."""
 
     def __init__(self, options: AugmentOptions) -> None:
         self.options = options
