@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -49,10 +51,11 @@ from torch import nn
 
 from plait.core import checkpoint, hookspecs
 from plait.core.config import Options, merge
-from plait.core.data import ShardSampler, build_dataset, make_loader, move
-from plait.core.distributed import unwrap
+from plait.core.data import SAMPLE_INDEX, TRANSFORM_SEED, ShardSampler, build_dataset, make_loader, move
+from plait.core.distributed import barrier, unwrap
 from plait.core.errors import ConfigError, DataError, nearest
 from plait.core.evaluation import evaluate
+from plait.core.files import write_json_atomic
 from plait.core.hookspecs import hookimpl
 from plait.core.loop import fit
 from plait.core.model import build_model, cpu_latency_ms
@@ -80,8 +83,13 @@ class DistillOptions(Options):
                              "the teacher's embedding of each of embedding_modalities")
     embedding_modalities: list[str] = Field(["text"], min_length=1)
     max_length: int = Field(32, ge=4, description="a transformers teacher's token limit; match the student's")
-    cache: bool = Field(False, description="keep the teacher's logits and embeddings per sample id (only for "
-                        "training inputs that do not change between epochs)")
+    cache: bool = Field(False, description="keep the teacher's logits and embeddings per sample id in memory "
+                        "(only for training inputs that do not change between epochs)")
+    store: str | None = Field(None, description="a folder of the teacher's outputs over the training set, each "
+                              "of data.views augmented views: written by the first run that names it (the "
+                              "teacher runs once), read instead of the teacher after that")
+    top_k: int = Field(0, ge=0, description="store: the teacher's largest logits kept per view (0: all)")
+    store_shard_rows: int = Field(50_000, ge=1, description="store: views per safetensors shard")
     baseline: str | None = Field(None, description="a run folder of the same student trained without "
                                  "distillation, for report.md")
     student: dict[str, dict[str, Any]] | None = Field(None, description="plait compress: plugin blocks merged "
@@ -216,17 +224,164 @@ class Projection(nn.Module):
         return self.linear(x.movedim(1, -1)).movedim(-1, 1) if x.dim() == 4 else self.linear(x)
 
 
+STORE_MANIFEST = "store.json"
+
+
+class TeacherStore:
+    """The teacher's outputs, stored: per training sample and augmented view (``sample_index`` and
+    ``transform_seed``, as the batches carry them), its logits (all, or the ``top_k`` largest with their
+    classes) and its embedding of each of ``embedding_modalities`` the sample has. Sharded safetensors
+    beside ``store.json``, which names the teacher, the views, the seed and each shard's digest.
+
+    Written once (``write``), atomically: into a temporary folder renamed into place when complete."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        manifest = folder / STORE_MANIFEST
+        if not manifest.is_file():
+            raise ConfigError(f"plugins.distill.store: {folder} is not a teacher store (no {STORE_MANIFEST})")
+        self.folder, self.info = folder, json.loads(manifest.read_text())
+        columns: dict[str, list[torch.Tensor]] = {}
+        for shard in self.info["shards"]:
+            path = folder / shard["file"]
+            if not path.is_file():
+                raise ConfigError(f"plugins.distill.store: {path} is missing ({len(self.info['shards'])} shards in "
+                                  f"{manifest}); write the store again (delete {folder})")
+            if hashlib.sha256(path.read_bytes()).hexdigest() != shard["sha256"]:
+                raise ConfigError(f"plugins.distill.store: {path} is not the shard {manifest} names (its digest "
+                                  "differs); write the store again")
+            for name, tensor in load_file(str(path)).items():
+                columns.setdefault(name, []).append(tensor)
+        self.columns = {name: torch.cat(parts) for name, parts in columns.items()}
+        keys = zip(self.columns["sample_index"].tolist(), self.columns["transform_seed"].tolist(), strict=True)
+        self.row = {key: row for row, key in enumerate(keys)}
+        self.num_classes = len(self.info["classes"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.info["classes"])
+
+    def width(self, modality: str) -> int | None:
+        column = self.columns.get(f"embedding.{modality}")
+        return None if column is None else int(column.shape[1])
+
+    def check(self, identity: str, seed: int, views: int, samples: int) -> None:
+        """One line for a store of another teacher or of other training views."""
+        info, where = self.info, f"plugins.distill.store: {self.folder}"
+        if info["teacher"] != identity:
+            raise ConfigError(f"{where} holds the outputs of the teacher {info['teacher']}, not of {identity}; "
+                              "give another store folder (or delete this one) to store this teacher's")
+        found = (info["seed"], info["views"], info["samples"])
+        if found != (seed, views, samples):
+            raise ConfigError(f"{where} was written for run.seed {found[0]}, data.views {found[1]} and {found[2]} "
+                              f"training samples; this run has {seed}, {views} and {samples}")
+
+    def outputs(self, batch: dict, modalities: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the teacher's logits of the batch's views, {modality: embeddings of the rows that have it})."""
+        keys = zip(batch[SAMPLE_INDEX].tolist(), batch[TRANSFORM_SEED].tolist(), strict=True)
+        try:
+            rows = torch.tensor([self.row[key] for key in keys])
+        except KeyError as missing:
+            raise DataError(f"plugins.distill.store: {self.folder} has no view of sample {missing.args[0][0]} with "
+                            f"transform seed {missing.args[0][1]}") from None
+        device = batch["label"].device
+        if "logits" in self.columns:
+            logits = self.columns["logits"][rows]
+        else:  # the top k; the classes left out get a logit far below them, so almost no probability
+            values, indices = self.columns["topk_values"][rows], self.columns["topk_indices"][rows]
+            logits = torch.full((len(rows), self.num_classes), -1e4).scatter(1, indices.long(), values)
+        embeddings = {}
+        for modality in modalities:
+            if f"embedding.{modality}" in self.columns:
+                has = batch["present"][modality].cpu() & self.columns[f"has.{modality}"][rows]
+                if bool(has.any()):
+                    embeddings[modality] = self.columns[f"embedding.{modality}"][rows[has]].to(device)
+        return logits.to(device), embeddings
+
+    @staticmethod
+    def write(folder: Path, teacher: Any, dataset: Any, options: DistillOptions, identity: str,
+              config: Any, device: torch.device) -> None:
+        """Run the teacher over every view of every training sample and store its outputs."""
+        from safetensors.torch import save_file
+
+        views = config.data.views or 1  # no augmentation: one view, whatever the epoch
+        modalities = options.embedding_modalities if options.embedding else []
+        found: dict[str, torch.Tensor] = {}
+        hooks = []
+        for modality in modalities:
+            encoder = teacher.encoder(modality)
+            if encoder is not None and not isinstance(teacher, TransformersTeacher):
+                hooks.append(encoder.register_forward_hook(
+                    lambda _m, _a, out, key=modality: found.__setitem__(key, _first_tensor(out))))
+        tmp = folder.with_name(f".{folder.name}.writing")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shards: list[dict[str, Any]] = []
+        columns: dict[str, list[torch.Tensor]] = {}
+        keys = [(index, view) for view in range(views) for index in range(len(dataset))]
+        batch_size = config.run.eval_batch_size
+
+        def flush() -> None:
+            if not columns:
+                return
+            name = f"shard-{len(shards):05d}.safetensors"
+            tensors = {key: torch.cat(parts).contiguous() for key, parts in columns.items()}
+            save_file(tensors, str(tmp / name))
+            shards.append({"file": name, "rows": int(tensors["sample_index"].shape[0]),
+                           "sha256": hashlib.sha256((tmp / name).read_bytes()).hexdigest()})
+            columns.clear()
+
+        teacher.eval()
+        with torch.no_grad():
+            for start in range(0, len(keys), batch_size):
+                batch = move(dataset.collate_fn([dataset[key] for key in keys[start:start + batch_size]]), device)
+                found.clear()
+                out = teacher(batch)
+                logits = out["logits"].float().cpu()
+                if options.top_k and options.top_k < logits.shape[1]:
+                    values, indices = logits.topk(options.top_k, dim=1)
+                    part = {"topk_values": values, "topk_indices": indices.to(torch.int32)}
+                else:
+                    part = {"logits": logits}
+                part.update({SAMPLE_INDEX: batch[SAMPLE_INDEX].cpu(), TRANSFORM_SEED: batch[TRANSFORM_SEED].cpu()})
+                for modality in modalities:
+                    embedding = teacher.embedding if isinstance(teacher, TransformersTeacher) else found.get(modality)
+                    has = batch["present"][modality].cpu()
+                    full = torch.zeros(len(has), teacher.encoder(modality).out_dim)
+                    if embedding is not None:
+                        full[has] = embedding.float().cpu()
+                    part[f"embedding.{modality}"], part[f"has.{modality}"] = full, has
+                for key, value in part.items():
+                    columns.setdefault(key, []).append(value)
+                if sum(len(c) for c in columns[SAMPLE_INDEX]) >= options.store_shard_rows:
+                    flush()
+        flush()
+        for hook in hooks:
+            hook.remove()
+        write_json_atomic(tmp / STORE_MANIFEST, {
+            "teacher": identity, "seed": config.run.seed, "views": config.data.views, "samples": len(dataset),
+            "classes": list(dataset.classes), "top_k": options.top_k, "modalities": modalities, "shards": shards})
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+
+
 class Distiller:
     """Computes the distillation terms in the student's forward (so that data-parallel training sees
     the projections used) and puts them in its outputs as ``distill``."""
 
-    def __init__(self, options: DistillOptions, teacher: Any, student: nn.Module) -> None:
-        self.options, self.teacher = options, teacher
+    def __init__(self, options: DistillOptions, teacher: Any, student: nn.Module,
+                 store: TeacherStore | None = None) -> None:
+        """``teacher`` None: ``store`` gives its outputs."""
+        self.options, self.teacher, self.store = options, teacher, store
         self.student_states: dict[str, torch.Tensor] = {}
         self.teacher_states: dict[str, torch.Tensor] = {}
         self.cached: dict[str, tuple[torch.Tensor | None, dict[str, torch.Tensor]]] = {}
         self.mask_owners: list[nn.Module | None] = []  # per hidden pair: whose attention_mask marks real tokens
         projections = {}
+        if options.hidden and (options.cache or options.store):
+            raise ConfigError(f"plugins.distill.{'cache' if options.cache else 'store'}: only logits and embeddings "
+                              "are kept, not hidden states; turn it off or leave out hidden")
         for i, pair in enumerate(options.hidden):
             where = f"hidden[{i}]"
             mine = _module(student, pair.student, f"{where}.student", "student")
@@ -237,21 +392,19 @@ class Distiller:
             self.mask_owners.append(self._mask_owner(student, pair, where))
         encoders = getattr(student, "encoders", {})
         for modality in options.embedding_modalities if options.embedding else ():
-            theirs = teacher.encoder(modality)
-            if modality not in encoders or theirs is None:
+            encoder: Any = teacher.encoder(modality) if teacher is not None else None
+            width = int(encoder.out_dim) if encoder is not None else store.width(modality) if store else None
+            if modality not in encoders or width is None:
                 raise ConfigError(f"plugins.distill.embedding_modalities: '{modality}' must be encoded by both the "
                                   f"student ({sorted(encoders)}) and the teacher")
             key = f"embedding_{modality}"
             self._capture(encoders[modality], self.student_states, key)
-            if not isinstance(teacher, TransformersTeacher):
-                self._capture(theirs, self.teacher_states, key)
-            projections[key] = Projection(int(encoders[modality].out_dim), int(theirs.out_dim))
-        if options.alpha and getattr(teacher, "classes", None) is None:
+            if encoder is not None and not isinstance(teacher, TransformersTeacher):
+                self._capture(encoder, self.teacher_states, key)
+            projections[key] = Projection(int(encoders[modality].out_dim), width)
+        if options.alpha and getattr(teacher or store, "classes", None) is None:
             raise ConfigError(f"plugins.distill.alpha: the teacher {options.teacher} has no classification head, "
                               "so no soft targets; set alpha: 0 and distil hidden states or the embedding")
-        if options.cache and options.hidden:
-            raise ConfigError("plugins.distill.cache: only logits and embeddings are cached, not hidden states; "
-                              "turn off cache or hidden")
         student.distill = nn.ModuleDict(projections)  # trained with the student, unused by its predictions
         student.register_forward_pre_hook(lambda module, args: self.student_states.clear())
         student.register_forward_hook(self._after_forward)
@@ -286,6 +439,9 @@ class Distiller:
         the teacher, from the cache when it has them."""
         ids = batch.get("ids")
         modalities = self.options.embedding_modalities if self.options.embedding else []
+        if self.store is not None:
+            logits, embeddings = self.store.outputs(batch, modalities)
+            return logits, None, embeddings
         if self.options.cache and ids and all(i in self.cached for i in ids):
             device = batch["label"].device
             all_logits, all_embeddings = zip(*(self.cached[i] for i in ids), strict=True)
@@ -352,7 +508,8 @@ class Distiller:
 class _Teacher:
     """The teacher of one run (in that run's ``plugins.stash``)."""
 
-    model: nn.Module
+    model: nn.Module | None  # None: its outputs come from a store
+    distiller: Distiller
     identity: str | None = None
     resumed: str | None = None  # the teacher a resumed run's checkpoint names
 
@@ -413,6 +570,11 @@ def plait_teacher(config):
 def plait_configure_model(model, config, plugins):
     # Building the teacher draws random initial weights (then overwritten): on the training's own
     # random streams, the student's initial weights and a resumed run's dropout would change.
+    options = config.options(DistillOptions)
+    if options.store and (Path(options.store) / STORE_MANIFEST).is_file():  # written: the teacher is not needed
+        store = TeacherStore(Path(options.store))
+        plugins.stash[TEACHER] = _Teacher(None, Distiller(options, None, model, store))
+        return None
     python_state, numpy_state = random.getstate(), np.random.get_state()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
@@ -423,31 +585,49 @@ def plait_configure_model(model, config, plugins):
         np.random.set_state(numpy_state)
     if teacher is None:
         raise ConfigError("plugins.distill: no plugin answered plait_teacher; give plugins.distill.teacher")
-    Distiller(config.options(DistillOptions), teacher, model)
-    plugins.stash[TEACHER] = _Teacher(teacher)
+    plugins.stash[TEACHER] = _Teacher(teacher, Distiller(options, teacher, model))
     return None
 
 
 @hookimpl
 def plait_fit_start(state):
-    options = state.config.options(DistillOptions)
+    options, config = state.config.options(DistillOptions), state.config
     run = state.plugins.stash[TEACHER]
-    classes = getattr(run.model, "classes", None)
+    store = run.distiller.store
+    classes = getattr(run.model, "classes", None) if store is None else store.classes
     if options.alpha and list(classes or []) != list(state.classes):
         raise ConfigError(f"plugins.distill.teacher: the teacher's classes {list(classes or [])[:12]} are not the "
                           f"student's {list(state.classes)[:12]} (same names, same order)")
-    if options.cache:
-        transforms = state.plugins.call_each(hookspecs.plait_sample_transforms, config=state.config, split="train")
-        changing = sorted(name for name, found in transforms.items() if found)
-        if changing:
-            raise ConfigError(f"plugins.distill.cache: the training inputs change every epoch (sample transforms of "
-                              f"{', '.join(changing)}), so the teacher's outputs of one epoch do not hold for the "
-                              "next; turn cache off")
+    transforms = state.plugins.call_each(hookspecs.plait_sample_transforms, config=config, split="train")
+    changing = ", ".join(sorted(name for name, found in transforms.items() if found))
+    if options.cache and changing:
+        raise ConfigError(f"plugins.distill.cache: the training inputs change every epoch (sample transforms of "
+                          f"{changing}), so the teacher's outputs of one epoch do not hold for the next; turn cache "
+                          "off, or store the teacher's outputs of data.views views (store: FOLDER)")
+    if options.store and changing and not config.data.views:
+        raise ConfigError(f"plugins.distill.store: the sample transforms of {changing} draw a new view every epoch; "
+                          "set data.views: N to store the teacher's outputs of N views of each sample")
+    if options.teacher is None:
+        raise ConfigError("plugins.distill.teacher: give the teacher (the store records which teacher it holds)")
     identity = _identity(Path(options.teacher))
     if run.resumed not in (None, identity):
         raise ConfigError(f"plugins.distill.teacher: this run was distilled from {run.resumed}, but the "
                           f"teacher is now {identity}; a new teacher needs a new run.name")
-    run.model, run.identity = run.model.to(state.device), identity
+    run.identity = identity
+    if run.model is not None:
+        run.model = run.model.to(state.device)
+    if not options.store:
+        return
+    dataset = build_dataset(state.plugins, config, "train")
+    assert dataset is not None  # build_dataset raises for a missing train split
+    if store is None:  # the first run that names the store writes it, then reads it
+        folder = Path(options.store)
+        if state.is_main:
+            assert run.model is not None  # built, as there was no store
+            TeacherStore.write(folder, run.model, dataset, options, identity, config, state.device)
+        barrier()
+        store = run.distiller.store = TeacherStore(folder)
+    store.check(identity, config.run.seed, config.data.views, len(dataset))
 
 
 @hookimpl
@@ -477,7 +657,11 @@ def plait_fit_end(state):
     loader = make_loader(dataset, state.config.run.eval_batch_size, False, state.config.run.seed, 0,
                          ShardSampler(len(dataset), state.data_rank, state.data_world_size))
     teacher_acc = float("nan")
-    if getattr(teacher, "classes", None) is not None:
+    if teacher is None:  # its outputs came from a store: its own run's figure, where it has one
+        measured = Path(cast(str, options.teacher)) / "metrics.json"
+        if measured.is_file():
+            teacher_acc = json.loads(measured.read_text()).get("test", {}).get("fused", {}).get("accuracy", teacher_acc)
+    elif getattr(teacher, "classes", None) is not None:
         # every worker evaluates its shard of the test split: the sums are collective
         teacher_state = type(state)(**{**vars(state), "model": teacher, "lockstep": False})
         teacher_acc = evaluate(teacher_state, loader, split="test")["accuracy"]
@@ -485,19 +669,21 @@ def plait_fit_end(state):
         return
     batch = move(next(iter(loader)), torch.device("cpu"))
     projections = sum(p.numel() for p in getattr(student, "distill", nn.Module()).parameters())
-    rows = []
+    rows: list[tuple[str, float, float, float, float, float]] = []
     for name, model, folder, accuracy, extra in (
-        ("teacher", teacher, Path(options.teacher), teacher_acc, 0),
+        ("teacher", teacher, Path(cast(str, options.teacher)), teacher_acc, 0),
         ("student (distilled)", student, state.run_dir, state.metrics["test"]["fused"]["accuracy"], projections),
     ):
         newest = checkpoint.latest(folder / "checkpoints")
         files = [newest / "model.safetensors"] if newest else sorted(folder.glob("*.safetensors"))
         size = sum(f.stat().st_size for f in files) / 2**20 if files else float("nan")
+        if model is None:  # a stored teacher is not loaded for a latency figure
+            rows.append((name, float("nan"), size, float("nan"), float("nan"), accuracy))
+            continue
         cpu = model.to("cpu").eval()
         rows.append((name, sum(p.numel() for p in cpu.parameters()) - extra, size, cpu_latency_ms(cpu, batch, 1),
                      cpu_latency_ms(cpu, batch, 32), accuracy))
-    teacher.to(state.device)
-    student.to(state.device)
+        model.to(state.device)
     if options.baseline:
         metrics = json.loads((Path(options.baseline) / "metrics.json").read_text())
         rows.append(("student without distillation", rows[1][1], float("nan"), float("nan"), float("nan"),

@@ -1,0 +1,108 @@
+"""The teacher's outputs stored once, per sample and augmented view, and read instead of the teacher: the
+same student as the live teacher, bitwise; the very views the student sees; another teacher refused."""
+import shutil
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_PLUGINS
+
+from plait.core import hookspecs
+from plait.core.data import TRANSFORM_SEED, build_dataset, move
+from plait.core.errors import ConfigError
+from plait.core.loop import fit
+from plait.core.runs import load
+from plait.plugins.distill import TEACHER, TeacherStore
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+STUDENT = {  # audio only, as the cross-modal test's; no augmentation
+    "spoken_digits": TINY_PLUGINS["spoken_digits"],
+    "audio_encoder": {"channels": [4, 8], "dim": 16},
+    "fusion": {"dim": 16, "heads": 2, "ce_weight": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from plait.testing import write_config
+
+    folder = tmp_path_factory.mktemp("teacher")
+    return fit(*load(str(write_config(folder, TINY_PLUGINS, name="teacher", epochs=1)), [])).run_dir
+
+
+def student(write_config, name, distill, plugins=STUDENT, views=0, **run):
+    path = write_config({**plugins, "distill": distill}, name=name, **{"epochs": 2, **run})
+    raw = yaml.safe_load(path.read_text())
+    raw["data"] = {"views": views}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def weights(state) -> dict:
+    return {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+
+
+def test_the_stored_teacher_trains_the_same_student_as_the_live_one_bitwise(write_config, teacher_dir, tmp_path):
+    kd = {"teacher": str(teacher_dir), "embedding": 1.0, "embedding_modalities": ["audio"]}
+    live = fit(*load(str(student(write_config, "live", kd)), []))
+    store = tmp_path / "store"
+    writing = fit(*load(str(student(write_config, "writes", {**kd, "store": str(store)})), []))
+    assert (store / "store.json").is_file() and writing.plugins.stash[TEACHER].model is not None
+    reading = fit(*load(str(student(write_config, "reads", {**kd, "store": str(store)})), []))
+    assert reading.plugins.stash[TEACHER].model is None  # the teacher was not even built
+    expected = weights(live)
+    for state in (writing, reading):
+        got = weights(state)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert reading.metrics["train"]["kd"] == live.metrics["train"]["kd"] > 0
+    report = (reading.run_dir / "report.md").read_text()
+    assert "| teacher |" in report
+
+
+def test_the_store_holds_the_teachers_outputs_of_the_views_the_student_trains_on(write_config, teacher_dir,
+                                                                               tmp_path):
+    store = tmp_path / "views"
+    kd = {"teacher": str(teacher_dir), "store": str(store), "top_k": 4, "embedding": 1.0,
+          "embedding_modalities": ["audio"]}
+    path = student(write_config, "views", kd, plugins={**STUDENT, "augment": {}}, views=2, epochs=3)
+    state = fit(*load(str(path), []))
+    saved = TeacherStore(store)
+    assert saved.info["views"] == 2 and len(saved.row) == 2 * saved.info["samples"]
+    config, plugins = load(str(path), [])
+    dataset = build_dataset(plugins, config, "train")
+    teacher = plugins.first(hookspecs.plait_teacher, config=config)
+    for epoch in (0, 1, 2):  # epoch 2 draws view 0 again
+        batch = move(dataset.collate_fn([dataset[(i, epoch)] for i in range(0, 40, 3)]), torch.device("cpu"))
+        assert torch.equal(batch[TRANSFORM_SEED], move(dataset.collate_fn(
+            [dataset[(i, epoch % 2)] for i in range(0, 40, 3)]), torch.device("cpu"))[TRANSFORM_SEED])
+        with torch.no_grad():
+            live = teacher(batch)["logits"]
+        stored, _ = saved.outputs(batch, [])
+        top, classes = live.topk(4, dim=1)
+        assert torch.equal(stored.topk(4, dim=1).indices, classes)  # the same view's top classes, the same logits
+        # to rounding: the cache ran the teacher in batches of another size; another view would be far off
+        assert torch.allclose(stored.gather(1, classes), top, atol=1e-5)
+    view_1 = move(dataset.collate_fn([dataset[(i, 1)] for i in range(0, 40, 3)]), torch.device("cpu"))
+    view_1["transform_seed"] = batch[TRANSFORM_SEED]  # ask the store for view 0 (the last batch) of the same samples
+    with torch.no_grad():
+        assert not torch.allclose(teacher(view_1)["logits"].topk(4, dim=1).values,
+                                  saved.outputs(view_1, [])[0].topk(4, dim=1).values, atol=1e-3)
+    assert state.metrics["train"]["kd"] > 0
+
+
+def test_another_teacher_a_missing_shard_and_changing_views_are_one_line(write_config, teacher_dir, tmp_path):
+    store = tmp_path / "store"
+    kd = {"teacher": str(teacher_dir), "store": str(store)}
+    fit(*load(str(student(write_config, "first", kd, max_steps=1)), []))
+    other = tmp_path / "other-teacher"
+    shutil.copytree(teacher_dir, other)
+    with pytest.raises(ConfigError, match=r"holds the outputs of the teacher .*teacher.*, not of .*other-teacher") as e:
+        fit(*load(str(student(write_config, "other", {**kd, "teacher": str(other)}, max_steps=1)), []))
+    assert "\n" not in str(e.value)
+    (store / "shard-00000.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"store/shard-00000.safetensors is missing \(1 shards in"):
+        fit(*load(str(student(write_config, "missing", kd, max_steps=1)), []))
+    with pytest.raises(ConfigError, match=r"augment draw a new view every epoch; set data.views: N"):
+        fit(*load(str(student(write_config, "fresh", {**kd, "store": str(tmp_path / "s2")},
+                              plugins={**STUDENT, "augment": {}}, max_steps=1)), []))
