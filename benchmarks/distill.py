@@ -12,7 +12,14 @@ projections 64 -> 128 and 96 -> 256). Accuracies are fused test accuracy; each f
 over seeds, and `*_spread` the max - min over seeds.
 
 Last line: JSON {"teacher_params", "student_params", "teacher_acc", "student_acc",
-"student_nokd_acc", "student_acc_spread", "student_nokd_acc_spread", "seeds"}.
+"student_nokd_acc", "student_acc_spread", "student_nokd_acc_spread", "gap_closed" (the mean over seeds of
+``(student - nokd) / (teacher - nokd)``: the share of the gap between the student trained alone and the
+teacher that distillation closes), "gap_closed_spread", "student_over_teacher" (student_acc / teacher_acc),
+"seeds", "epochs", "student_epochs"}.
+
+``--student-epochs`` gives the distilled student and the student without distillation the same longer
+schedule (a patient student); ``--views N --store`` teaches from the teacher's outputs of N stored augmented
+views instead of the live teacher.
 """
 from __future__ import annotations
 
@@ -46,14 +53,21 @@ def run(raw: dict, name: str, seed: int, epochs: int, runs_dir: str) -> dict:
     return ray_runner.train(config, raw)
 
 
-def student_config(base: dict, teacher_dir: str | None) -> dict:
+def student_config(base: dict, teacher_dir: str | None, views: int = 0, store: str | None = None) -> dict:
     raw = copy.deepcopy(base)
     for name, options in STUDENT.items():
         raw["plugins"][name] = {**raw["plugins"].get(name, {}), **options}
+    if views:
+        raw.setdefault("data", {})["views"] = views
     if teacher_dir is not None:
         raw["plugins"]["fusion"] = {**raw["plugins"]["fusion"], "ce_weight": 1 - KD["alpha"]}
-        raw["plugins"]["distill"] = {"teacher": teacher_dir, **KD}
+        raw["plugins"]["distill"] = {"teacher": teacher_dir, **KD, **({"store": store} if store else {})}
     return raw
+
+
+def gap_closed(teacher: float, student: float, nokd: float) -> float:
+    """The share of the gap between the student trained alone and the teacher that distillation closes."""
+    return (student - nokd) / (teacher - nokd) if teacher != nokd else float("nan")
 
 
 def parameters(raw: dict) -> int:
@@ -67,10 +81,16 @@ def parameters(raw: dict) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=8, help="the teacher's epochs")
+    parser.add_argument("--student-epochs", type=int, help="both students' epochs (default: --epochs)")
+    parser.add_argument("--views", type=int, default=0, help="data.views of the students (0: a new view each epoch)")
+    parser.add_argument("--store", action="store_true", help="teach from the teacher's stored outputs of --views views")
     parser.add_argument("--runs-dir", help="keep the run folders here (default: a temporary folder); a run "
                         "whose folder is complete is continued, i.e. only evaluated again")
     args = parser.parse_args()
+    if args.store and not args.views:
+        parser.error("--store needs --views N: the augmented views to store")
+    student_epochs = args.student_epochs or args.epochs
     base = load_config(ROOT / "plugins.yaml")
     results: dict[str, list[float]] = {"teacher": [], "student": [], "nokd": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,12 +99,16 @@ def main() -> None:
             teacher = run(base, f"teacher-{seed}", seed, args.epochs, runs_dir)
             results["teacher"].append(teacher["test"]["fused"]["accuracy"])
             teacher_dir = str(Path(runs_dir) / f"teacher-{seed}")
-            kd = run(student_config(base, teacher_dir), f"student-{seed}", seed, args.epochs, runs_dir)
+            store = str(Path(runs_dir) / f"store-{seed}") if args.store else None
+            kd = run(student_config(base, teacher_dir, args.views, store), f"student-{seed}", seed, student_epochs,
+                     runs_dir)
             results["student"].append(kd["test"]["fused"]["accuracy"])
-            nokd = run(student_config(base, None), f"nokd-{seed}", seed, args.epochs, runs_dir)
+            nokd = run(student_config(base, None, args.views), f"nokd-{seed}", seed, student_epochs, runs_dir)
             results["nokd"].append(nokd["test"]["fused"]["accuracy"])
             print(f"seed {seed}: teacher {results['teacher'][-1]:.4f}, student {results['student'][-1]:.4f}, "
                   f"without distillation {results['nokd'][-1]:.4f}", flush=True)
+    closed = [gap_closed(*figures) for figures in zip(results["teacher"], results["student"], results["nokd"],
+                                                          strict=True)]
     spread = {k: max(v) - min(v) for k, v in results.items()}
     print(json.dumps({
         "teacher_params": parameters(base), "student_params": parameters(student_config(base, None)),
@@ -92,7 +116,10 @@ def main() -> None:
         "student_acc": round(statistics.mean(results["student"]), 4),
         "student_nokd_acc": round(statistics.mean(results["nokd"]), 4),
         "student_acc_spread": round(spread["student"], 4), "student_nokd_acc_spread": round(spread["nokd"], 4),
-        "seeds": args.seeds, "epochs": args.epochs,
+        "gap_closed": round(statistics.mean(closed), 3), "gap_closed_spread": round(max(closed) - min(closed), 3),
+        "student_over_teacher": round(statistics.mean(results["student"]) / statistics.mean(results["teacher"]), 4),
+        "seeds": args.seeds, "epochs": args.epochs, "student_epochs": student_epochs,
+        "views": args.views, "store": args.store,
     }))
 
 
