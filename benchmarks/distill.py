@@ -19,7 +19,8 @@ teacher that distillation closes), "gap_closed_spread", "student_over_teacher" (
 
 ``--student-epochs`` gives the distilled student and the student without distillation the same longer
 schedule (a patient student); ``--views N --store`` teaches from the teacher's outputs of N stored augmented
-views instead of the live teacher.
+views instead of the live teacher; ``--mixup A`` mixes the distilled student's images and waveforms (function
+matching: the teacher sees the mixed batch too).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def run(raw: dict, name: str, seed: int, epochs: int, runs_dir: str) -> dict:
     return ray_runner.train(config, raw)
 
 
-def student_config(base: dict, teacher_dir: str | None, views: int = 0, store: str | None = None) -> dict:
+def student_config(base: dict, teacher_dir: str | None, views: int = 0, store: str | None = None,
+                   mixup: float = 0.0) -> dict:
     raw = copy.deepcopy(base)
     for name, options in STUDENT.items():
         raw["plugins"][name] = {**raw["plugins"].get(name, {}), **options}
@@ -61,7 +63,8 @@ def student_config(base: dict, teacher_dir: str | None, views: int = 0, store: s
         raw.setdefault("data", {})["views"] = views
     if teacher_dir is not None:
         raw["plugins"]["fusion"] = {**raw["plugins"]["fusion"], "ce_weight": 1 - KD["alpha"]}
-        raw["plugins"]["distill"] = {"teacher": teacher_dir, **KD, **({"store": store} if store else {})}
+        raw["plugins"]["distill"] = {"teacher": teacher_dir, **KD, "mixup": mixup,
+                                     **({"store": store} if store else {})}
     return raw
 
 
@@ -85,6 +88,8 @@ def main() -> None:
     parser.add_argument("--student-epochs", type=int, help="both students' epochs (default: --epochs)")
     parser.add_argument("--views", type=int, default=0, help="data.views of the students (0: a new view each epoch)")
     parser.add_argument("--store", action="store_true", help="teach from the teacher's stored outputs of --views views")
+    parser.add_argument("--mixup", type=float, default=0.0, help="distill.mixup of the distilled student (function "
+                        "matching; 0: off)")
     parser.add_argument("--runs-dir", help="keep the run folders here (default: a temporary folder); a run "
                         "whose folder is complete is continued, i.e. only evaluated again")
     args = parser.parse_args()
@@ -100,8 +105,8 @@ def main() -> None:
             results["teacher"].append(teacher["test"]["fused"]["accuracy"])
             teacher_dir = str(Path(runs_dir) / f"teacher-{seed}")
             store = str(Path(runs_dir) / f"store-{seed}") if args.store else None
-            kd = run(student_config(base, teacher_dir, args.views, store), f"student-{seed}", seed, student_epochs,
-                     runs_dir)
+            kd = run(student_config(base, teacher_dir, args.views, store, args.mixup), f"student-{seed}", seed,
+                     student_epochs, runs_dir)
             results["student"].append(kd["test"]["fused"]["accuracy"])
             nokd = run(student_config(base, None, args.views), f"nokd-{seed}", seed, student_epochs, runs_dir)
             results["nokd"].append(nokd["test"]["fused"]["accuracy"])
@@ -119,7 +124,7 @@ def main() -> None:
         "gap_closed": round(statistics.mean(closed), 3), "gap_closed_spread": round(max(closed) - min(closed), 3),
         "student_over_teacher": round(statistics.mean(results["student"]) / statistics.mean(results["teacher"]), 4),
         "seeds": args.seeds, "epochs": args.epochs, "student_epochs": student_epochs,
-        "views": args.views, "store": args.store,
+        "views": args.views, "store": args.store, "mixup": args.mixup,
     }))
 
 

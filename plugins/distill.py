@@ -89,6 +89,8 @@ class DistillOptions(Options):
                               "of data.views augmented views: written by the first run that names it (the "
                               "teacher runs once), read instead of the teacher after that")
     top_k: int = Field(0, ge=0, description="store: the teacher's largest logits kept per view (0: all)")
+    mixup: float = Field(0.0, ge=0, description="function matching: Beta(mixup, mixup) mixup of each training "
+                         "batch's images and waveforms, which teacher and student both see (0: off)")
     store_shard_rows: int = Field(50_000, ge=1, description="store: views per safetensors shard")
     baseline: str | None = Field(None, description="a run folder of the same student trained without "
                                  "distillation, for report.md")
@@ -121,6 +123,34 @@ def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
 def embedding_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """``1 - cosine`` between matching rows, averaged: direction, not scale, is what is taught."""
     return (1 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def mix_inputs(batch: dict, alpha: float) -> dict:
+    """Mixup of the batch's images and waveforms, for function matching (Beyer et al. 2022): each row is
+    mixed with another row of the batch, ``lam * own + (1 - lam) * other`` with ``lam`` drawn from
+    Beta(alpha, alpha) and kept at least 1/2, so a row stays mostly itself and its label still holds for
+    the cross-entropy term. A modality only one of the two rows has, and text, are left as they are."""
+    size = batch["label"].shape[0]
+    if size < 2:
+        return batch
+    lam = torch.distributions.Beta(alpha, alpha).sample((size,))
+    lam = torch.maximum(lam, 1 - lam)
+    other = torch.randperm(size)
+    inputs, present = dict(batch["inputs"]), batch["present"]
+    for modality, key in (("image", "image"), ("audio", "audio")):
+        if modality not in inputs or modality not in present:
+            continue
+        values = inputs[modality][key]
+        both = (present[modality] & present[modality][other.to(values.device)]).to(values.device)
+        weight = torch.where(both, lam.to(values.device), torch.ones_like(lam, device=values.device))
+        shape = (size,) + (1,) * (values.dim() - 1)
+        mixed = {**inputs[modality], key: weight.view(shape) * values + (1 - weight.view(shape)) *
+                 values[other.to(values.device)]}
+        if "lengths" in mixed:  # a mixed clip lasts as long as the longer of the two
+            lengths = mixed["lengths"]
+            mixed["lengths"] = torch.where(both, torch.maximum(lengths, lengths[other.to(lengths.device)]), lengths)
+        inputs[modality] = mixed
+    return {**batch, "inputs": inputs}
 
 
 class RunTeacher(nn.Module):
@@ -406,7 +436,10 @@ class Distiller:
             raise ConfigError(f"plugins.distill.alpha: the teacher {options.teacher} has no classification head, "
                               "so no soft targets; set alpha: 0 and distil hidden states or the embedding")
         student.distill = nn.ModuleDict(projections)  # trained with the student, unused by its predictions
-        student.register_forward_pre_hook(lambda module, args: self.student_states.clear())
+        if options.mixup and (options.store or options.cache):
+            raise ConfigError("plugins.distill.mixup: the teacher must see each mixed batch, and stored outputs are "
+                              "of unmixed views; turn mixup off, or store and cache off")
+        student.register_forward_pre_hook(self._before_forward)
         student.register_forward_hook(self._after_forward)
 
     @staticmethod
@@ -465,6 +498,12 @@ class Distiller:
                         if bool(batch["present"][m][position])}
                 self.cached[sample] = (logits[position].cpu() if logits is not None else None, kept)
         return logits, rows, embeddings
+
+    def _before_forward(self, student: nn.Module, args: tuple) -> tuple | None:
+        self.student_states.clear()
+        if self.options.mixup and student.training and args and isinstance(args[0], dict):
+            return (mix_inputs(args[0], self.options.mixup), *args[1:])  # the teacher sees this batch too
+        return None
 
     def _after_forward(self, student: nn.Module, args: tuple, outputs: dict) -> dict | None:
         if not student.training or not isinstance(outputs, dict):

@@ -12,7 +12,7 @@ from plait.core.data import TRANSFORM_SEED, build_dataset, move
 from plait.core.errors import ConfigError
 from plait.core.loop import fit
 from plait.core.runs import load
-from plait.plugins.distill import TEACHER, TeacherStore
+from plait.plugins.distill import TEACHER, TeacherStore, mix_inputs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -103,6 +103,55 @@ def test_another_teacher_a_missing_shard_and_changing_views_are_one_line(write_c
     (store / "shard-00000.safetensors").unlink()
     with pytest.raises(ConfigError, match=r"store/shard-00000.safetensors is missing \(1 shards in"):
         fit(*load(str(student(write_config, "missing", kd, max_steps=1)), []))
+    with pytest.raises(ConfigError, match=r"plugins.distill.mixup: the teacher must see each mixed batch"):
+        fit(*load(str(student(write_config, "mixed", {**kd, "store": str(tmp_path / "s3"), "mixup": 0.4},
+                              max_steps=1)), []))
     with pytest.raises(ConfigError, match=r"augment draw a new view every epoch; set data.views: N"):
         fit(*load(str(student(write_config, "fresh", {**kd, "store": str(tmp_path / "s2")},
                               plugins={**STUDENT, "augment": {}}, max_steps=1)), []))
+
+
+def test_mixup_mixes_images_and_waveforms_of_rows_that_both_have_them():
+    torch.manual_seed(0)
+    present = {"image": torch.tensor([True, True, False, True]), "audio": torch.tensor([True, False, True, True]),
+               "text": torch.ones(4, dtype=torch.bool)}
+    batch = {"label": torch.arange(4), "present": present,
+             "inputs": {"image": {"image": torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2).clone()},
+                        "audio": {"audio": torch.arange(4.0).view(4, 1).expand(4, 5).clone(),
+                                  "lengths": torch.tensor([5, 0, 2, 4])},
+                        "text": {"text": ["a", "b", "c", "d"]}}}
+    mixed = mix_inputs(batch, alpha=0.4)
+    assert mixed["inputs"]["text"] == batch["inputs"]["text"] and mixed["label"] is batch["label"]
+    changed = 0
+    for modality, key in (("image", "image"), ("audio", "audio")):
+        for row in range(4):
+            value = float(mixed["inputs"][modality][key][row].flatten()[0])
+            if not present[modality][row]:
+                assert value == row  # a row without the modality is left as it was
+            elif value != row:
+                changed += 1
+                lam_other = [(row - value) / (row - other) for other in range(4) if other != row and
+                             present[modality][other]]
+                assert any(0 < w <= 0.5 + 1e-6 for w in lam_other)  # mostly itself, partly another row
+    assert changed > 0 and batch["inputs"]["image"]["image"][0, 0, 0, 0] == 0  # the input batch is not changed
+
+
+def test_with_mixup_the_teacher_sees_the_mixed_batch_the_student_sees(write_config, teacher_dir):
+    kd = {"teacher": str(teacher_dir), "mixup": 0.4}
+    state = fit(*load(str(student(write_config, "mixup", kd, max_steps=2)), []))
+    teacher, model = state.plugins.stash[TEACHER].model, state.model
+    seen = {}
+    hooks = [teacher.model.encoders["audio"].register_forward_hook(
+                 lambda _m, args, _o: seen.__setitem__("teacher", args[0]["audio"].clone())),
+             model.encoders["audio"].register_forward_hook(
+                 lambda _m, args, _o: seen.__setitem__("student", args[0]["audio"].clone()))]
+    config, plugins = load(str(student(write_config, "mixup", kd, max_steps=2)), [])
+    dataset = build_dataset(plugins, config, "train")
+    batch = dataset.collate_fn([dataset[(i, 0)] for i in range(32)])
+    model.train()
+    model(batch)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(seen["teacher"], seen["student"])
+    assert not torch.equal(seen["student"], batch["inputs"]["audio"]["audio"])  # it was mixed
+    assert state.metrics["train"]["kd"] > 0
