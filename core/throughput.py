@@ -83,8 +83,9 @@ def efficiency(flops_per_sample: float | None, samples_per_s: float, peak_tflops
     if flops_per_sample is None:
         return {}
     achieved = flops_per_sample * samples_per_s / 1e12
-    figures: dict[str, Any] = {"achieved_tflops": round(achieved, 6)}
-    figures["mfu"] = round(achieved / peak_tflops, 6) if peak_tflops else None
+    # six significant digits, not decimals: a small model on a CPU achieves a thousandth of a TFLOP/s or less
+    figures: dict[str, Any] = {"achieved_tflops": float(f"{achieved:.6g}")}
+    figures["mfu"] = float(f"{achieved / peak_tflops:.6g}") if peak_tflops else None
     return figures
 
 
