@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -72,6 +73,19 @@ class HiddenPair(BaseModel):
     weight: float = Field(1.0, gt=0)
 
 
+class AttentionPair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    student: str = Field(..., description="an attention module with query, key and value projections, e.g. "
+                         "encoders.text.model.encoder.layer.1.attention.self")
+    teacher: str = Field(..., description="the teacher's, e.g. encoders.text.model.encoder.layer.5.attention.self")
+    relation: Literal["attention", "value"] = Field("attention", description="attention: TinyBERT's MSE between "
+                                                    "the attention scores (as many heads on both sides); value: "
+                                                    "MiniLM's KL between value relations (any heads)")
+    relation_heads: int | None = Field(None, ge=1, description="value: the heads the relations are split into "
+                                       "(default: the teacher's)")
+    weight: float = Field(1.0, gt=0)
+
+
 class DistillOptions(Options):
     teacher: str | None = Field(None, description="a plait run folder, or a local transformers model folder (text); "
                                 "under plait compress: the run being compressed")
@@ -79,6 +93,8 @@ class DistillOptions(Options):
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target loss; set fusion.ce_weight "
                          "to 1 - alpha; 0 for a teacher without logits")
     hidden: list[HiddenPair] = Field([], description="module outputs the student learns to match")
+    attention: list[AttentionPair] = Field([], description="attention modules whose attention scores (TinyBERT) "
+                                           "or value relations (MiniLM) the student learns to match")
     embedding: float = Field(0.0, ge=0, description="weight of the cosine loss between the student's and "
                              "the teacher's embedding of each of embedding_modalities")
     embedding_modalities: list[str] = Field(["text"], min_length=1)
@@ -151,6 +167,37 @@ def mix_inputs(batch: dict, alpha: float) -> dict:
             mixed["lengths"] = torch.where(both, torch.maximum(lengths, lengths[other.to(lengths.device)]), lengths)
         inputs[modality] = mixed
     return {**batch, "inputs": inputs}
+
+
+def attention_scores(query: torch.Tensor, key: torch.Tensor, heads: int) -> torch.Tensor:
+    """[N, T, D] projections -> the scaled dot-product scores [N, heads, T, T], before the softmax."""
+    n, t, d = query.shape
+    q, k = (x.float().view(n, t, heads, d // heads).transpose(1, 2) for x in (query, key))
+    return q @ k.transpose(-1, -2) / math.sqrt(d // heads)
+
+
+def attention_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """TinyBERT's attention transfer: MSE between [N, H, T, T] scores, over pairs of real tokens only."""
+    pairs = (mask[:, None, :, None] & mask[:, None, None, :]).to(student.dtype)  # [N, 1, T, T]
+    error = (student - teacher).pow(2) * pairs
+    return error.sum() / (pairs.sum() * student.shape[1]).clamp(min=1.0)
+
+
+def value_relation(value: torch.Tensor, heads: int, mask: torch.Tensor) -> torch.Tensor:
+    """MiniLM's value relation: per relation head, the log-softmax over real keys of the scaled dot products
+    of the values with each other, [N, heads, T, T]. The values are split into ``heads`` whatever the
+    attention's own head count, so a student and a teacher with different heads compare."""
+    n, t, d = value.shape
+    v = value.float().view(n, t, heads, d // heads).transpose(1, 2)
+    scores = (v @ v.transpose(-1, -2) / math.sqrt(d // heads)).masked_fill(~mask[:, None, None, :], float("-inf"))
+    return scores.log_softmax(dim=-1)
+
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) between relation rows, averaged over the real query tokens of every head."""
+    kl = (teacher.exp() * (teacher - student)).masked_fill(~mask[:, None, None, :], 0.0).sum(-1)  # [N, H, T]
+    rows = mask[:, None, :].to(kl.dtype).expand_as(kl)
+    return (kl * rows).sum() / rows.sum().clamp(min=1.0)
 
 
 class RunTeacher(nn.Module):
@@ -409,9 +456,10 @@ class Distiller:
         self.cached: dict[str, tuple[torch.Tensor | None, dict[str, torch.Tensor]]] = {}
         self.mask_owners: list[nn.Module | None] = []  # per hidden pair: whose attention_mask marks real tokens
         projections = {}
-        if options.hidden and (options.cache or options.store):
+        if (options.hidden or options.attention) and (options.cache or options.store or teacher is None):
             raise ConfigError(f"plugins.distill.{'cache' if options.cache else 'store'}: only logits and embeddings "
-                              "are kept, not hidden states; turn it off or leave out hidden")
+                              "are kept, not hidden states or attention; turn it off or leave out hidden and "
+                              "attention")
         for i, pair in enumerate(options.hidden):
             where = f"hidden[{i}]"
             mine = _module(student, pair.student, f"{where}.student", "student")
@@ -420,6 +468,10 @@ class Distiller:
             self._capture(theirs, self.teacher_states, f"hidden{i}")
             projections[f"hidden{i}"] = Projection(_width(mine, f"{where}.student"), _width(theirs, f"{where}.teacher"))
             self.mask_owners.append(self._mask_owner(student, pair, where))
+        self.attention_heads: list[tuple[int, int]] = []  # per attention pair: (student's, teacher's) heads
+        self.attention_masks: list[nn.Module] = []
+        for i, link in enumerate(options.attention):
+            self._attention_pair(i, link, student)
         encoders = getattr(student, "encoders", {})
         for modality in options.embedding_modalities if options.embedding else ():
             encoder: Any = teacher.encoder(modality) if teacher is not None else None
@@ -442,13 +494,47 @@ class Distiller:
         student.register_forward_pre_hook(self._before_forward)
         student.register_forward_hook(self._after_forward)
 
+    def _attention_pair(self, i: int, pair: AttentionPair, student: nn.Module) -> None:
+        """Capture the query, key and value projections of both attention modules, and check they compare."""
+        where, heads = f"attention[{i}]", []
+        for side, root, path, states in (("student", student, pair.student, self.student_states),
+                                         ("teacher", getattr(self.teacher, "model", self.teacher), pair.teacher,
+                                          self.teacher_states)):
+            module = _module(root, path, f"{where}.{side}", side)
+            parts = [name for name in ("query", "key", "value") if not isinstance(getattr(module, name, None),
+                                                                                 nn.Module)]
+            if parts or not hasattr(module, "num_attention_heads"):
+                near = [name for name, m in root.named_modules() if hasattr(m, "query") and hasattr(m, "value")]
+                raise ConfigError(f"plugins.distill.{where}.{side}: '{path}' is not an attention module with query, "
+                                  f"key and value projections{nearest(path, near)}")
+            for name in ("query", "key", "value"):
+                self._capture(getattr(module, name), states, f"attention{i}.{name}")
+            heads.append(int(cast(Any, module).num_attention_heads))
+        widths = (_width(_module(student, f"{pair.student}.value", where, "student"), where),
+                  _width(_module(getattr(self.teacher, "model", self.teacher), f"{pair.teacher}.value", where,
+                                 "teacher"), where))
+        if pair.relation == "attention" and heads[0] != heads[1]:
+            raise ConfigError(f"plugins.distill.{where}: the student's attention has {heads[0]} heads, the teacher's "
+                              f"{heads[1]}; attention scores compare head by head, so use relation: value (MiniLM)")
+        relation_heads = pair.relation_heads or heads[1]
+        if pair.relation == "value" and any(width % relation_heads for width in widths):
+            raise ConfigError(f"plugins.distill.{where}.relation_heads: {relation_heads} does not divide the value "
+                              f"widths {widths[0]} (student) and {widths[1]} (teacher)")
+        owner = self._mask_owner(student, pair, where)
+        if owner is None:
+            raise ConfigError(f"plugins.distill.{where}: '{pair.student}' is not inside a text encoder; attention "
+                              "is compared over real tokens")
+        self.attention_heads.append((heads[0], heads[1]) if pair.relation == "attention" else
+                                    (relation_heads, relation_heads))
+        self.attention_masks.append(owner)
+
     @staticmethod
     def _capture(module: nn.Module, store: dict, key: str) -> None:
         def hook(_module, _args, output):
             store[key] = _first_tensor(output)
         module.register_forward_hook(hook)
 
-    def _mask_owner(self, student: nn.Module, pair: HiddenPair, where: str) -> nn.Module | None:
+    def _mask_owner(self, student: nn.Module, pair: HiddenPair | AttentionPair, where: str) -> nn.Module | None:
         """The student encoder whose ``attention_mask`` marks the real tokens of ``pair.student``'s
         states, after checking that the teacher's side tokenizes alike; None for other states."""
         modality = _modality(pair.student)
@@ -537,8 +623,25 @@ class Distiller:
             mine = self.student_states.get(f"embedding_{modality}")
             if mine is not None:
                 embedding.append(options.embedding * embedding_loss(projections[f"embedding_{modality}"](mine), theirs))
-        terms.update({name: cast(torch.Tensor, sum(losses)) for name, losses in (("hidden", hidden),
-                                                                                 ("embedding", embedding)) if losses})
+        attention = []
+        for i, link in enumerate(options.attention):
+            ours = [self.student_states.get(f"attention{i}.{name}") for name in ("query", "key", "value")]
+            their = [self.teacher_states.get(f"attention{i}.{name}") for name in ("query", "key", "value")]
+            if any(t is None for t in (*ours, *their)):
+                continue  # this batch has no text
+            sq, sk, sv = cast(list[torch.Tensor], ours)
+            tq, tk, tv = cast(list[torch.Tensor], their)
+            mask = cast(Any, self.attention_masks[i]).attention_mask.bool()
+            student_heads, teacher_heads = self.attention_heads[i]
+            if link.relation == "attention":
+                loss = attention_loss(attention_scores(sq, sk, student_heads), attention_scores(tq, tk, teacher_heads),
+                                      mask)
+            else:
+                loss = relation_loss(value_relation(sv, student_heads, mask), value_relation(tv, teacher_heads, mask),
+                                     mask)
+            attention.append(link.weight * loss)
+        terms.update({name: cast(torch.Tensor, sum(losses)) for name, losses in (
+            ("hidden", hidden), ("embedding", embedding), ("attention", attention)) if losses})
         outputs["distill"] = terms
         return outputs
 

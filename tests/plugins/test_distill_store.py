@@ -155,3 +155,48 @@ def test_with_mixup_the_teacher_sees_the_mixed_batch_the_student_sees(write_conf
     assert torch.equal(seen["teacher"], seen["student"])
     assert not torch.equal(seen["student"], batch["inputs"]["audio"]["audio"])  # it was mixed
     assert state.metrics["train"]["kd"] > 0
+
+
+def test_attention_scores_and_value_relations_by_hand():
+    from plait.plugins.distill import attention_loss, attention_scores, relation_loss, value_relation
+
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, 3, 4) for _ in range(3))
+    scores = attention_scores(query, key, heads=2)
+    assert scores.shape == (2, 2, 3, 3)
+    assert torch.allclose(scores[0, 1], query[0, :, 2:] @ key[0, :, 2:].T / 2 ** 0.5)  # head 1: features 2-3
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    assert attention_loss(scores, scores, mask) == 0
+    padded = scores.clone()
+    padded[0, :, 2, :] += 100.0  # the padding token's row and column do not count
+    padded[0, :, :, 2] += 100.0
+    assert attention_loss(padded, scores, mask) == 0
+    shifted = scores + 1.0
+    assert attention_loss(shifted, scores, mask) == pytest.approx(1.0)
+    relation = value_relation(value, heads=2, mask=mask)
+    assert torch.allclose(relation.exp().sum(-1), torch.ones(2, 2, 3))  # a distribution over the real keys
+    assert relation[0, :, :, 2].exp().max() == 0  # none on the padding key
+    assert relation_loss(relation, relation, mask) == pytest.approx(0.0, abs=1e-6)
+    assert relation_loss(value_relation(value.flip(1), 2, mask), relation, mask) > 0
+
+
+def test_a_text_student_learns_the_teachers_attention_and_value_relations(write_config, teacher_dir):
+    plugins = {"spoken_digits": TINY_PLUGINS["spoken_digits"], "text_encoder": {"hidden": 16, "layers": 1, "heads": 2},
+               "fusion": {"dim": 16, "heads": 2, "ce_weight": 0.5}}
+    layer = "encoders.text.model.encoder.layer.0.attention.self"
+    kd = {"teacher": str(teacher_dir), "attention": [
+        {"student": layer, "teacher": layer},  # 2 heads each: TinyBERT's scores
+        {"student": layer, "teacher": layer, "relation": "value", "relation_heads": 4}]}  # 16 and 32 wide
+    state = fit(*load(str(student(write_config, "attention", kd, plugins=plugins, max_steps=2)), []))
+    assert state.metrics["train"]["attention"] > 0
+    one_head = {**plugins, "text_encoder": {"hidden": 16, "layers": 1, "heads": 1}}
+    with pytest.raises(ConfigError, match=r"attention\[0\]: the student's attention has 1 heads, the teacher's 2; "
+                                          r".*use relation: value"):
+        fit(*load(str(student(write_config, "heads", kd, plugins=one_head, max_steps=1)), []))
+    wrong = {**kd, "attention": [{"student": "encoders.text.model.encoder.layer.0.attention.selff", "teacher": layer}]}
+    with pytest.raises(ConfigError, match=r"attention\[0\].student: the student has no module .*attention.selff.*"
+                                          r"did you mean .*layer.0.attention.self"):
+        fit(*load(str(student(write_config, "wrong", wrong, plugins=plugins, max_steps=1)), []))
+    output = {**kd, "attention": [{"student": "encoders.text.model.encoder.layer.0.output", "teacher": layer}]}
+    with pytest.raises(ConfigError, match=r"'encoders.text.model.encoder.layer.0.output' is not an attention module"):
+        fit(*load(str(student(write_config, "output", output, plugins=plugins, max_steps=1)), []))
