@@ -13,8 +13,12 @@ unspecified"), name its chapter (21 classes; chapter 22 has 3 codes and is left 
   layer 2, 1 -> 5, over real tokens);
 - the same student trained the same number of steps without distillation.
 
+``--attention`` adds MiniLM's value relation of the last layers (student layer 1 -> teacher layer 5, in 8
+relation heads: the student has 4 heads, MiniLM 12).
+
 Last line: JSON {"teacher_params", "student_params", "teacher_acc", "student_acc",
-"student_nokd_acc", "*_spread", "seeds"} (test accuracy, mean over seeds; spread = max - min).
+"student_nokd_acc", "*_spread", "gap_closed", "gap_closed_spread", "seeds"} (test accuracy, mean over seeds;
+spread = max - min; gap_closed as in benchmarks/distill.py).
 """
 from __future__ import annotations
 
@@ -27,11 +31,16 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from distill import gap_closed  # benchmarks/distill.py, beside this script
+
 from plait.core.runs import prepare
 from plait.launch import ray_runner
 
 LAYERS = [{"student": "encoders.text.model.encoder.layer.0", "teacher": "encoders.text.model.encoder.layer.2"},
           {"student": "encoders.text.model.encoder.layer.1", "teacher": "encoders.text.model.encoder.layer.5"}]
+ATTENTION = [{"student": "encoders.text.model.encoder.layer.1.attention.self",
+              "teacher": "encoders.text.model.encoder.layer.5.attention.self", "relation": "value",
+              "relation_heads": 8}]
 KD = {"temperature": 4.0, "alpha": 0.9, "embedding": 1.0}
 
 
@@ -96,6 +105,7 @@ def main() -> None:
     parser.add_argument("--per-chapter", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--hidden", action="store_true", help="also distil token states (see LAYERS)")
+    parser.add_argument("--attention", action="store_true", help="also distil value relations (see ATTENTION)")
     parser.add_argument("--runs-dir", help="keep the run folders here (default: a temporary folder); a run "
                         "whose folder is complete is continued, i.e. only evaluated again")
     args = parser.parse_args()
@@ -111,19 +121,24 @@ def main() -> None:
             results["teacher"].append(teacher["test"]["fused"]["accuracy"])
             kd_raw = config(manifests, student, 2e-3, args.epochs,
                             {"teacher": str(Path(runs_dir) / f"teacher-{seed}"),
-                             "hidden": LAYERS if args.hidden else []})
+                             "hidden": LAYERS if args.hidden else [],
+                             "attention": ATTENTION if args.attention else []})
             results["student"].append(run(kd_raw, f"student-{seed}", seed, runs_dir)["test"]["fused"]["accuracy"])
             results["nokd"].append(run(nokd_raw, f"nokd-{seed}", seed, runs_dir)["test"]["fused"]["accuracy"])
             print(f"seed {seed}: teacher {results['teacher'][-1]:.4f}, student {results['student'][-1]:.4f}, "
                   f"without distillation {results['nokd'][-1]:.4f}", flush=True)
         counts = {split: len(Path(path).read_text().splitlines()) for split, path in manifests.items()}
+        closed = [gap_closed(*figures) for figures in zip(results["teacher"], results["student"], results["nokd"],
+                                                          strict=True)]
         print(json.dumps({
             "teacher_params": parameters(teacher_raw), "student_params": parameters(nokd_raw),
             "teacher_acc": round(statistics.mean(results["teacher"]), 4),
             "student_acc": round(statistics.mean(results["student"]), 4),
             "student_nokd_acc": round(statistics.mean(results["nokd"]), 4),
             **{f"{k}_acc_spread": round(max(v) - min(v), 4) for k, v in results.items()},
-            "samples": counts, "seeds": args.seeds, "epochs": args.epochs,
+            "gap_closed": round(statistics.mean(closed), 3), "gap_closed_spread": round(max(closed) - min(closed), 3),
+            "samples": counts, "seeds": args.seeds, "epochs": args.epochs, "hidden": args.hidden,
+            "attention": args.attention,
         }))
 
 
