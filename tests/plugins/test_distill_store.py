@@ -51,8 +51,14 @@ def test_the_stored_teacher_trains_the_same_student_as_the_live_one_bitwise(writ
     assert (store / "store.json").is_file() and writing.plugins.stash[TEACHER].model is not None
     reading = fit(*load(str(student(write_config, "reads", {**kd, "store": str(store)})), []))
     assert reading.plugins.stash[TEACHER].model is None  # the teacher was not even built
+    stopped = {**STUDENT, "stop_at": {"step": 9}}  # in the second epoch: a resume reads on from the store
+    with pytest.raises(RuntimeError, match="stopped at step 9"):
+        fit(*load(str(student(write_config, "resumed", {**kd, "store": str(store)}, plugins=stopped,
+                              checkpoint_every=3)), []))
+    resumed = fit(*load(str(student(write_config, "resumed", {**kd, "store": str(store)}, checkpoint_every=3)), []))
+    assert resumed.step == live.step
     expected = weights(live)
-    for state in (writing, reading):
+    for state in (writing, reading, resumed):
         got = weights(state)
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
     assert reading.metrics["train"]["kd"] == live.metrics["train"]["kd"] > 0
