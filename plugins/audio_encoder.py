@@ -30,6 +30,18 @@ class AudioEncoderOptions(TrainingControl):
     dropout: float = Field(0.1, ge=0, lt=1)
 
 
+class MaskedBlocks(nn.Sequential):
+    """The CNN's blocks, each one's output zeroed past the clip's end (``frames``: [B, 1, T], 1 for a real
+    frame), so that the next block's convolution reads zeros there as it reads its own padding. Called as
+    one module, so that its output can be named (``encoders.audio.cnn``, e.g. for distillation)."""
+
+    def forward(self, x: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        for block in self:
+            frames = nn.functional.max_pool1d(frames, 2)
+            x = block(x) * frames.unsqueeze(1)
+        return x, frames
+
+
 class AudioEncoder(nn.Module):
     def __init__(self, options: AudioEncoderOptions) -> None:
         super().__init__()
@@ -41,7 +53,7 @@ class AudioEncoder(nn.Module):
             blocks.append(nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
                                         nn.ReLU(inplace=True), nn.MaxPool2d(2)))
             c_in = c_out
-        self.cnn = nn.Sequential(*blocks)
+        self.cnn = MaskedBlocks(*blocks)
         self.register_load_state_dict_pre_hook(_flat_cnn_names)
         self.pools = len(options.channels)
         self.attend = nn.Conv1d(c_in, 1, 1)
@@ -58,10 +70,7 @@ class AudioEncoder(nn.Module):
         # end: a clip's features are then what they would be alone, whatever longer clips share its batch.
         short = -spec.shape[-1] % 2 ** self.pools
         spec, mask = nn.functional.pad(spec, (0, short)), nn.functional.pad(mask, (0, short))
-        x, frames = self.augment(spec).unsqueeze(1), mask.float().unsqueeze(1)
-        for block in self.cnn:
-            frames = nn.functional.max_pool1d(frames, 2)
-            x = block(x) * frames.unsqueeze(1)
+        x, frames = self.cnn(self.augment(spec).unsqueeze(1), mask.float().unsqueeze(1))
         features = x.mean(dim=2)  # [B, C, T']
         mask = frames > 0
         weights = self.attend(features).masked_fill(~mask, float("-inf")).softmax(dim=-1).nan_to_num(0.0)

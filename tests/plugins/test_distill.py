@@ -81,6 +81,7 @@ def test_a_stopped_distillation_resumes_exactly_and_refuses_another_teacher(writ
                                       "hidden": [{"student": "encoders.audio.cnn", "teacher": "encoders.audio.cnn"}]}}
     settings = {"epochs": 2, "checkpoint_every": 4}
     whole = fit(*load(str(write_config(plugins, name="kd-whole", **settings)), []))
+    assert whole.metrics["train"]["hidden"] > 0 and whole.metrics["train"]["embedding"] > 0  # both were matched
     with pytest.raises(RuntimeError, match="stopped at step 5"):
         fit(*load(str(write_config({**plugins, "stop_at": {"step": 5}}, name="kd-split", **settings)), []))
     resumed = fit(*load(str(write_config(plugins, name="kd-split", **settings)), []))
