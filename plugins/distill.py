@@ -377,20 +377,15 @@ class TeacherStore:
         return logits.to(device), embeddings
 
     @staticmethod
-    def write(folder: Path, teacher: Any, dataset: Any, options: DistillOptions, identity: str,
+    def write(folder: Path, distiller: Distiller, dataset: Any, options: DistillOptions, identity: str,
               config: Any, device: torch.device) -> None:
-        """Run the teacher over every view of every training sample and store its outputs."""
+        """Run the live teacher (``distiller.teacher_outputs``, whose hooks already capture its embeddings)
+        over every view of every training sample and store its outputs."""
         from safetensors.torch import save_file
 
         views = config.data.views or 1  # no augmentation: one view, whatever the epoch
         modalities = options.embedding_modalities if options.embedding else []
-        found: dict[str, torch.Tensor] = {}
-        hooks = []
-        for modality in modalities:
-            encoder = teacher.encoder(modality)
-            if encoder is not None and not isinstance(teacher, TransformersTeacher):
-                hooks.append(encoder.register_forward_hook(
-                    lambda _m, _a, out, key=modality: found.__setitem__(key, _first_tensor(out))))
+        widths = {m: int(distiller.teacher.encoder(m).out_dim) for m in modalities}
         tmp = folder.with_name(f".{folder.name}.writing")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -409,13 +404,12 @@ class TeacherStore:
                            "sha256": hashlib.sha256((tmp / name).read_bytes()).hexdigest()})
             columns.clear()
 
-        teacher.eval()
         with torch.no_grad():
             for start in range(0, len(keys), batch_size):
                 batch = move(dataset.collate_fn([dataset[key] for key in keys[start:start + batch_size]]), device)
-                found.clear()
-                out = teacher(batch)
-                logits = out["logits"].float().cpu()
+                teacher_logits, _, embeddings = distiller.teacher_outputs(batch)
+                assert teacher_logits is not None  # a teacher without logits is refused in plait_fit_start
+                logits = teacher_logits.float().cpu()
                 if options.top_k and options.top_k < logits.shape[1]:
                     values, indices = logits.topk(options.top_k, dim=1)
                     part = {"topk_values": values, "topk_indices": indices.to(torch.int32)}
@@ -423,19 +417,16 @@ class TeacherStore:
                     part = {"logits": logits}
                 part.update({SAMPLE_INDEX: batch[SAMPLE_INDEX].cpu(), TRANSFORM_SEED: batch[TRANSFORM_SEED].cpu()})
                 for modality in modalities:
-                    embedding = teacher.embedding if isinstance(teacher, TransformersTeacher) else found.get(modality)
                     has = batch["present"][modality].cpu()
-                    full = torch.zeros(len(has), teacher.encoder(modality).out_dim)
-                    if embedding is not None:
-                        full[has] = embedding.float().cpu()
+                    full = torch.zeros(len(has), widths[modality])
+                    if modality in embeddings:
+                        full[has] = embeddings[modality].float().cpu()
                     part[f"embedding.{modality}"], part[f"has.{modality}"] = full, has
                 for key, value in part.items():
                     columns.setdefault(key, []).append(value)
                 if sum(len(c) for c in columns[SAMPLE_INDEX]) >= options.store_shard_rows:
                     flush()
         flush()
-        for hook in hooks:
-            hook.remove()
         write_json_atomic(tmp / STORE_MANIFEST, {
             "teacher": identity, "seed": config.run.seed, "views": config.data.views, "samples": len(dataset),
             "classes": list(dataset.classes), "top_k": options.top_k, "modalities": modalities, "shards": shards})
@@ -553,7 +544,7 @@ class Distiller:
                               f"must tokenize alike; the teacher's vocabulary is {their}, the student's {ours}")
         return mine
 
-    def _teacher_outputs(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+    def teacher_outputs(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
         """(logits, the rows they score (None: all), {modality: embedding of the rows that have it}) of
         the teacher, from the cache when it has them."""
         ids = batch.get("ids")
@@ -596,7 +587,7 @@ class Distiller:
             return None
         batch, options = args[0], self.options
         with torch.no_grad():
-            logits, rows, embeddings = self._teacher_outputs(batch)
+            logits, rows, embeddings = self.teacher_outputs(batch)
         terms: dict[str, torch.Tensor] = {}
         if options.alpha and logits is not None:
             if rows is not None:
@@ -764,9 +755,12 @@ def plait_fit_start(state):
     assert dataset is not None  # build_dataset raises for a missing train split
     if store is None:  # the first run that names the store writes it, then reads it
         folder = Path(options.store)
+        if getattr(run.model, "classes", None) is None:
+            raise ConfigError(f"plugins.distill.store: the teacher {options.teacher} has no classification head; "
+                              "a store keeps logits (and embeddings), so leave store out for this teacher")
         if state.is_main:
             assert run.model is not None  # built, as there was no store
-            TeacherStore.write(folder, run.model, dataset, options, identity, config, state.device)
+            TeacherStore.write(folder, run.distiller, dataset, options, identity, config, state.device)
         barrier()
         store = run.distiller.store = TeacherStore(folder)
     store.check(identity, config.run.seed, config.data.views, len(dataset))
