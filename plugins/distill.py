@@ -487,7 +487,7 @@ class Distiller:
 
     def _attention_pair(self, i: int, pair: AttentionPair, student: nn.Module) -> None:
         """Capture the query, key and value projections of both attention modules, and check they compare."""
-        where, heads = f"attention[{i}]", []
+        where, heads, widths = f"attention[{i}]", [], []
         for side, root, path, states in (("student", student, pair.student, self.student_states),
                                          ("teacher", getattr(self.teacher, "model", self.teacher), pair.teacher,
                                           self.teacher_states)):
@@ -501,9 +501,7 @@ class Distiller:
             for name in ("query", "key", "value"):
                 self._capture(getattr(module, name), states, f"attention{i}.{name}")
             heads.append(int(cast(Any, module).num_attention_heads))
-        widths = (_width(_module(student, f"{pair.student}.value", where, "student"), where),
-                  _width(_module(getattr(self.teacher, "model", self.teacher), f"{pair.teacher}.value", where,
-                                 "teacher"), where))
+            widths.append(_width(cast(nn.Module, module.value), f"{where}.{side}"))
         if pair.relation == "attention" and heads[0] != heads[1]:
             raise ConfigError(f"plugins.distill.{where}: the student's attention has {heads[0]} heads, the teacher's "
                               f"{heads[1]}; attention scores compare head by head, so use relation: value (MiniLM)")
