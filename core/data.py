@@ -97,10 +97,9 @@ class TransformedDataset(Dataset[dict[str, Any]]):
     A sample is read by its position, or by ``(position, epoch)`` (``SampleKey``, as ``EpochKeys`` gives
     them). Its transforms draw from torch's CPU generator seeded by ``view_seed`` for the epoch's view:
     ``epoch % views``, or the epoch itself when ``views`` is 0 (a new view every epoch; without transforms
-    there is one view, 0). So a sample's
-    augmented view depends only on the run's seed, the sample and the view: not on which worker decodes
-    it, in what order, or whether the run was resumed; and a teacher can be run on the very views the
-    student will see."""
+    there is one view, 0). So a sample's augmented view depends only on the run's seed, the sample and the
+    view: not on which worker decodes it, in what order, or whether the run was resumed; and a teacher can
+    be run on the very views the student will see."""
 
     def __init__(self, base: Any, transforms: list[Callable[[dict[str, Any]], dict[str, Any]]], seed: int = 0,
                  views: int = 0) -> None:
