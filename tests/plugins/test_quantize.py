@@ -20,9 +20,10 @@ from plait.plugins.quantize import QuantizeOptions, _check_backend, engines_for,
 
 #: fp32 and int8 must give the same class for at least this share of a fixed test batch
 AGREEMENT = 0.9
-#: static int8 rounds the activations too: on the 64 test samples of a model trained two epochs, whose logits are
-#: often near ties, one CI run saw 57 of 64 agree
-STATIC_AGREEMENT = 0.85
+#: Epochs for the model every compress test starts from. Two left it at chance (accuracy 0.09), with logits so near
+#: ties that int8 rounding flipped a quarter of the predictions on one CI machine and none here; ten reach 0.83, so
+#: agreement measures the quantizer and not the noise.
+TRAINED_EPOCHS = 10
 
 
 def _mlp() -> nn.Module:
@@ -93,7 +94,7 @@ def trained_dir(tmp_path_factory):
     from plait.testing import write_config
 
     folder = tmp_path_factory.mktemp("fp32")
-    return fit(*load(str(write_config(folder, TINY_PLUGINS, name="fp32", epochs=2)), [])).run_dir
+    return fit(*load(str(write_config(folder, TINY_PLUGINS, name="fp32", epochs=TRAINED_EPOCHS)), [])).run_dir
 
 
 def _spec(tmp_path, plugins: dict, name: str):
@@ -118,7 +119,7 @@ def test_compress_keeps_the_predictions_and_the_folder_reloads_to_the_same_outpu
     fp32, compressed = _logits(trained_dir), _logits(out)
     assert torch.equal(compressed, _logits(out))  # a second reload: the same outputs
     agreement = (fp32.argmax(-1) == compressed.argmax(-1)).float().mean().item()
-    assert agreement >= (STATIC_AGREEMENT if backend == "static_int8" else AGREEMENT), agreement
+    assert agreement >= AGREEMENT, agreement
     before, after = result["before"]["accuracy"]["fused"], result["after"]["accuracy"]["fused"]
     assert after["accuracy"] >= before["accuracy"] - 0.05, (before, after)
     if backend != "bf16":
