@@ -37,9 +37,15 @@ run (gradient accumulation, a skipped step, a resume, two Ray workers) against t
         plait_fit_start
         for each epoch:
             plait_epoch_start
+            if the epoch has a batch to train:
+                plait_batch_loaded                its first, as loaded (only if a plugin implements the hook)
             for each optimizer step:              run.grad_accumulation batches (fewer at an epoch's end)
+                if a batch follows the step's first:
+                    plait_batch_loaded            that one: each batch is shown one batch before its forward
                 plait_batch_start                 once a step, with the step's first batch
                 for each batch of the step:
+                    if it is not the first and a batch follows it:
+                        plait_batch_loaded        the batch after it
                     plait_loss_terms              after the forward; the terms' sum goes backward
                 plait_after_backward              gradients summed over batches and workers, not clipped
                 if every loss term and the gradient norm are finite:
@@ -77,7 +83,8 @@ API history: 1.0 the first contract; 1.1 added ``plait_build_model``, ``plait_tr
 1.2 the ``plugins`` argument of ``plait_configure_model``; 1.3 ``plait_compress``; 1.4 the ``split``
 and ``modalities`` arguments of ``plait_eval_batch`` and ``plait_eval_metrics``, and
 ``plugins.stash`` for per-run objects; 1.5 ``plait_parameter_groups`` and ``plait_export_model``;
-1.6 ``plait_count_tokens`` (tokens/s in the training rows).
+1.6 ``plait_count_tokens`` (tokens/s in the training rows); 1.7 ``plait_batch_loaded`` (work on a batch
+that runs while the batch before it trains).
 
 Its length (over 400 lines) is deliberate: it is the whole contract, the drawing and one docstring a
 hook, read top to bottom as the reference (``plait hooks``).
@@ -104,7 +111,7 @@ PROJECT = "plait"
 #: The version of this hook contract. A plugin may declare the range it supports as a module
 #: attribute, ``PLAIT_API = ">=1.1,<2"``; a plait outside that range refuses it by name.
 #: Minor: hooks or arguments added; major: a hook removed or its meaning changed.
-API_VERSION = "1.6"
+API_VERSION = "1.7"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
@@ -258,6 +265,18 @@ def plait_epoch_start(state: RunState) -> None:
     """An epoch (``state.epoch``) is about to start. Each plugin.
 
     :param state: the run state.
+    """
+
+
+@hookspec
+def plait_batch_loaded(state: RunState, batch: dict[str, Any]) -> None:
+    """A training batch came from the loader, one batch ahead of the forward that uses it (the
+    loop then holds it until the batch before it has been trained on). Each plugin, for every
+    batch, only if some plugin implements this hook: start work on it elsewhere here (a teacher
+    on other workers), so that it is ready when the batch's forward runs.
+
+    :param state: the run state.
+    :param batch: the batch as loaded, on the host (it moves to the device when its turn comes).
     """
 
 

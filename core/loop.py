@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,7 +209,7 @@ def _train_epoch(state: RunState, training: _Training, skip: int) -> tuple[int, 
     shares = source_shares(training.train_set, run.seed, state.epoch) if not skip else None
     if shares is not None:  # a mixture: what the epoch draws of each source
         log_metrics(state, {"split": "sources", **shares})
-    for loaded in training.train.epoch(state.epoch, skip):
+    for loaded in _one_ahead(state, training.train.epoch(state.epoch, skip)):
         batch = move(loaded, state.device)
         batches_done += 1
         last_of_step = len(micro) + 1 == run.grad_accumulation or batches_done == state.batches_per_epoch
@@ -246,6 +246,23 @@ def _train_epoch(state: RunState, training: _Training, skip: int) -> tuple[int, 
         if state.step >= state.total_steps:
             break
     return samples, batches_done
+
+
+def _one_ahead(state: RunState, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``batches``, each yielded once the one after it is loaded and shown to ``plait_batch_loaded``,
+    so that a plugin's work on a batch runs while the batch before it trains. Without an
+    implementer, ``batches`` as they come."""
+    if not state.plugins.implementers(hookspecs.plait_batch_loaded):
+        yield from batches
+        return
+    waiting: dict[str, Any] | None = None
+    for loaded in batches:
+        state.plugins.call_each(hookspecs.plait_batch_loaded, state=state, batch=loaded)
+        if waiting is not None:
+            yield waiting
+        waiting = loaded
+    if waiting is not None:
+        yield waiting
 
 
 def _forward_backward(state: RunState, batch: dict[str, Any], micro: list[MicroBatch],

@@ -100,10 +100,13 @@ def test_a_run_with_accumulation_a_skipped_step_and_a_resume_follows_the_drawing
     assert stopped.step == 4 and stopped.nonfinite_steps == 1
     assert first.count("plait_batch_start") == 5 and first.count("plait_batch_end") == 4
     assert first.count("plait_loss_terms") == 10 and first.count("plait_after_backward") == 5
+    # every batch is shown once, one ahead: the 6 of epoch 0, and in epoch 1 the 4 trained and the one after
+    assert first.count("plait_batch_loaded") == 11
     assert "plait_load_state_dict" not in first and second.index("plait_load_state_dict") < second.index(
         "plait_fit_start")
     # the resume starts after the 4 batches of epoch 1 it had done: one step, then the end of the epoch
     assert resumed.step == 5 and second.count("plait_batch_start") == 1 and second.count("plait_epoch_start") == 1
+    assert second.count("plait_batch_loaded") == 2  # the epoch's last two batches, and nothing it had trained on
     assert second.count("plait_log_metrics:train") == 1 and second.count("plait_eval_metrics:val") == 1
     # the test split: fused, then each of the 3 modalities alone
     assert second.count("plait_eval_metrics:test") == 4 and resumed.metrics["test"]["fused"]["modalities_seen"] == 3
