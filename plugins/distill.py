@@ -40,7 +40,8 @@ import math
 import os
 import random
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -108,6 +109,11 @@ class DistillOptions(Options):
     mixup: float = Field(0.0, ge=0, description="function matching: Beta(mixup, mixup) mixup of each training "
                          "batch's images and waveforms, which teacher and student both see (0: off)")
     store_shard_rows: int = Field(50_000, ge=1, description="store: views per safetensors shard")
+    teacher_workers: int = Field(0, ge=0, description="run the teacher in this many Ray actors of its own (other "
+                                 "GPUs or nodes) instead of in every training worker: each worker sends its "
+                                 "batches one batch ahead and receives logits and embeddings (0: in the worker)")
+    teacher_resources: dict[str, float] = Field({"CPU": 1}, description="teacher_workers: the Ray resources of each "
+                                                "teacher actor, e.g. {GPU: 1} or {CPU: 4}")
     baseline: str | None = Field(None, description="a run folder of the same student trained without "
                                  "distillation, for report.md")
     student: dict[str, dict[str, Any]] | None = Field(None, description="plait compress: plugin blocks merged "
@@ -284,6 +290,25 @@ def _first_tensor(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else next(t for t in output if isinstance(t, torch.Tensor))
 
 
+def _capture(module: nn.Module, states: dict, key: str) -> None:
+    """Keep ``module``'s output in ``states[key]`` at every forward."""
+    def hook(_module, _args, output):
+        states[key] = _first_tensor(output)
+    module.register_forward_hook(hook)
+
+
+def live_outputs(teacher: nn.Module, states: dict[str, torch.Tensor], batch: dict,
+                 modalities: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Run ``teacher`` on ``batch``: (logits, the rows they score (None: all), {modality: embedding of the
+    rows that have it}); ``states`` is where its encoders' hooks put their outputs."""
+    teacher.eval()  # whatever a caller did to it
+    states.clear()
+    out = teacher(batch)
+    found = {m: teacher.embedding if isinstance(teacher, TransformersTeacher) else states.get(f"embedding_{m}")
+             for m in modalities}
+    return out.get("logits"), out.get("rows"), {m: e for m, e in found.items() if e is not None}
+
+
 def _modality(path: str) -> str | None:
     """``encoders.text.model...`` -> ``text``: whose rows (and token mask) a module's output has."""
     parts = path.split(".")
@@ -299,6 +324,130 @@ class Projection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.movedim(1, -1)).movedim(-1, 1) if x.dim() == 4 else self.linear(x)
+
+
+class TeacherWorker:
+    """The teacher in a Ray actor of its own (``teacher_workers``), on the actor's GPU when it has one:
+    training workers send it batches and get back its logits and embeddings, on the CPU."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        import ray
+
+        self.options = DistillOptions.model_validate(options)
+        torch.set_num_threads(max(1, int(self.options.teacher_resources.get("CPU", 1))))
+        gpu = torch.cuda.is_available() and bool(ray.get_gpu_ids())
+        self.device = torch.device("cuda" if gpu else "cpu")
+        self.teacher = build_teacher(self.options).to(self.device)
+        self.modalities = self.options.embedding_modalities if self.options.embedding else []
+        self.states: dict[str, torch.Tensor] = {}
+        self.widths: dict[str, int] = {}
+        for modality in self.modalities:
+            encoder: Any = self.teacher.encoder(modality)
+            if encoder is not None:
+                self.widths[modality] = int(encoder.out_dim)
+                if not isinstance(self.teacher, TransformersTeacher):
+                    _capture(encoder, self.states, f"embedding_{modality}")
+
+    def describe(self) -> dict[str, Any]:
+        """What the student's model needs before training: the classes and the embedding widths."""
+        return {"classes": getattr(self.teacher, "classes", None), "widths": self.widths}
+
+    def outputs(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            logits, rows, embeddings = live_outputs(self.teacher, self.states, move(batch, self.device),
+                                                    self.modalities)
+        cpu = torch.device("cpu")
+        return (None if logits is None else logits.to(cpu), None if rows is None else rows.to(cpu),
+                {m: e.to(cpu) for m, e in embeddings.items()})
+
+
+def _batch_key(batch: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Which views a batch holds: the same for the batch as loaded and as it reaches the forward."""
+    return tuple(batch[SAMPLE_INDEX].tolist()), tuple(batch[TRANSFORM_SEED].tolist())
+
+
+class RemoteTeacher:
+    """A training worker's side of a ``TeacherWorker``: ``send`` a batch as it is loaded (one batch ahead,
+    ``plait_batch_loaded``), take its outputs in the forward; the time spent waiting is what it costs."""
+
+    AHEAD = 4  #: requests kept for batches not yet trained on (one ahead is what the loop makes)
+
+    def __init__(self, actors: list[Any], rank: int) -> None:
+        import ray
+
+        self.actor = actors[rank % len(actors)]
+        info = ray.get(self.actor.describe.remote())
+        self.classes: list[str] | None = info["classes"]
+        self.widths: dict[str, int] = info["widths"]
+        self.pending: dict[tuple, Any] = {}
+        self.wait_s, self.waits = 0.0, 0
+
+    def send(self, batch: dict) -> None:
+        key = _batch_key(batch)
+        if key not in self.pending:
+            self.pending[key] = self.actor.outputs.remote(move(batch, torch.device("cpu")))
+        while len(self.pending) > self.AHEAD:
+            self.pending.pop(next(iter(self.pending)))
+
+    def outputs(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, torch.Tensor]]:
+        import ray
+
+        key = _batch_key(batch)
+        if key not in self.pending:  # not shown ahead (a store being written): sent now, and waited for
+            self.send(batch)
+        started = time.perf_counter()
+        logits, rows, embeddings = ray.get(self.pending.pop(key))
+        self.wait_s, self.waits = self.wait_s + time.perf_counter() - started, self.waits + 1
+        device = batch["label"].device
+        return (None if logits is None else logits.to(device), None if rows is None else rows.to(device),
+                {m: e.to(device) for m, e in embeddings.items()})
+
+    def wait_ms(self) -> float | None:
+        """The mean wait per batch since the last call (None: no batch)."""
+        if not self.waits:
+            return None
+        mean = 1000 * self.wait_s / self.waits
+        self.wait_s, self.waits = 0.0, 0
+        return mean
+
+
+def start_teacher_workers(options: DistillOptions, run_key: str) -> list[Any]:
+    """The run's teacher actors: created by rank 0, after every rank checked that the cluster has room
+    for them beside the training workers; every rank returns the same handles."""
+    import ray
+
+    from plait.core.distributed import all_gather
+
+    if not ray.is_initialized():
+        raise ConfigError("plugins.distill.teacher_workers: the teacher runs in Ray actors, and this run is not on "
+                          "Ray; train on Ray Train workers (scaling.num_workers >= 1), or set teacher_workers: 0")
+    count, each = options.teacher_workers, options.teacher_resources
+    need = {name: amount * count for name, amount in each.items() if amount}
+    free = ray.available_resources()
+    short = {name: amount for name, amount in need.items() if free.get(name, 0.0) < amount}
+    if short:
+        def says(resources: dict[str, float]) -> str:
+            return ", ".join(f"{amount:g} {name}" for name, amount in resources.items())
+
+        have = {name: free.get(name, 0.0) for name in need}
+        raise ConfigError(f"plugins.distill.teacher_workers: {count} teacher actors of {says(each)} need "
+                          f"{says(need)}, and the Ray cluster has {says(have)} free beside the training workers; "
+                          "lower teacher_workers or teacher_resources, or add nodes")
+    barrier()  # every rank has checked before rank 0 takes the resources
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    names: list[str] = []
+    actors: list[Any] = []
+    if rank == 0:
+        token = hashlib.sha256(f"{run_key}:{os.getpid()}:{time.time_ns()}".encode()).hexdigest()[:12]
+        names = [f"plait-teacher-{token}-{i}" for i in range(count)]
+        extra = {name: amount for name, amount in each.items() if name not in ("CPU", "GPU")}
+        worker = ray.remote(TeacherWorker)
+        # owned by rank 0's process: they end with it, and a restarted worker group starts new ones
+        actors = [worker.options(name=name, num_cpus=each.get("CPU", 0), num_gpus=each.get("GPU", 0),
+                                 resources=extra or None, scheduling_strategy="DEFAULT").remote(options.model_dump())
+                  for name in names]
+    names = all_gather(names)[0]
+    return actors or [ray.get_actor(name) for name in names]
 
 
 STORE_MANIFEST = "store.json"
@@ -385,7 +534,7 @@ class TeacherStore:
 
         views = config.data.views or 1  # no augmentation: one view, whatever the epoch
         modalities = options.embedding_modalities if options.embedding else []
-        widths = {m: int(distiller.teacher.encoder(m).out_dim) for m in modalities}
+        widths = distiller.embedding_widths
         tmp = folder.with_name(f".{folder.name}.writing")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -439,14 +588,20 @@ class Distiller:
     the projections used) and puts them in its outputs as ``distill``."""
 
     def __init__(self, options: DistillOptions, teacher: Any, student: nn.Module,
-                 store: TeacherStore | None = None) -> None:
-        """``teacher`` None: ``store`` gives its outputs."""
-        self.options, self.teacher, self.store = options, teacher, store
+                 store: TeacherStore | None = None, remote: RemoteTeacher | None = None) -> None:
+        """``teacher`` None: ``store`` or ``remote`` (teacher actors) gives its outputs."""
+        self.options, self.teacher, self.store, self.remote = options, teacher, store, remote
         self.student_states: dict[str, torch.Tensor] = {}
         self.teacher_states: dict[str, torch.Tensor] = {}
         self.cached: dict[str, tuple[torch.Tensor | None, dict[str, torch.Tensor]]] = {}
         self.mask_owners: list[nn.Module | None] = []  # per hidden pair: whose attention_mask marks real tokens
         projections = {}
+        if (options.hidden or options.attention) and remote is not None:
+            raise ConfigError("plugins.distill.teacher_workers: the teacher actors send logits and embeddings, not "
+                              "hidden states or attention; leave out hidden and attention, or teacher_workers")
+        if options.mixup and remote is not None:
+            raise ConfigError("plugins.distill.mixup: the mix is drawn in the student's forward, after the batch went "
+                              "to the teacher workers; turn mixup off, or teacher_workers")
         if (options.hidden or options.attention) and (options.cache or options.store or teacher is None):
             raise ConfigError(f"plugins.distill.{'cache' if options.cache else 'store'}: only logits and embeddings "
                               "are kept, not hidden states or attention; turn it off or leave out hidden and "
@@ -455,8 +610,8 @@ class Distiller:
             where = f"hidden[{i}]"
             mine = _module(student, pair.student, f"{where}.student", "student")
             theirs = _module(getattr(teacher, "model", teacher), pair.teacher, f"{where}.teacher", "teacher")
-            self._capture(mine, self.student_states, f"hidden{i}")
-            self._capture(theirs, self.teacher_states, f"hidden{i}")
+            _capture(mine, self.student_states, f"hidden{i}")
+            _capture(theirs, self.teacher_states, f"hidden{i}")
             projections[f"hidden{i}"] = Projection(_width(mine, f"{where}.student"), _width(theirs, f"{where}.teacher"))
             self.mask_owners.append(self._mask_owner(student, pair, where))
         self.attention_heads: list[tuple[int, int]] = []  # per attention pair: (student's, teacher's) heads
@@ -464,18 +619,22 @@ class Distiller:
         for i, link in enumerate(options.attention):
             self._attention_pair(i, link, student)
         encoders = getattr(student, "encoders", {})
+        self.embedding_widths: dict[str, int] = {}  # the teacher's, per modality
         for modality in options.embedding_modalities if options.embedding else ():
             encoder: Any = teacher.encoder(modality) if teacher is not None else None
-            width = int(encoder.out_dim) if encoder is not None else store.width(modality) if store else None
+            width = (int(encoder.out_dim) if encoder is not None else store.width(modality) if store
+                     else remote.widths.get(modality) if remote else None)
             if modality not in encoders or width is None:
                 raise ConfigError(f"plugins.distill.embedding_modalities: '{modality}' must be encoded by both the "
                                   f"student ({sorted(encoders)}) and the teacher")
             key = f"embedding_{modality}"
-            self._capture(encoders[modality], self.student_states, key)
+            _capture(encoders[modality], self.student_states, key)
             if encoder is not None and not isinstance(teacher, TransformersTeacher):
-                self._capture(encoder, self.teacher_states, key)
+                _capture(encoder, self.teacher_states, key)
             projections[key] = Projection(int(encoders[modality].out_dim), width)
-        if options.alpha and getattr(teacher or store, "classes", None) is None:
+            self.embedding_widths[modality] = width
+        self.classes: list[str] | None = getattr(teacher or store or remote, "classes", None)
+        if options.alpha and self.classes is None:
             raise ConfigError(f"plugins.distill.alpha: the teacher {options.teacher} has no classification head, "
                               "so no soft targets; set alpha: 0 and distil hidden states or the embedding")
         student.distill = nn.ModuleDict(projections)  # trained with the student, unused by its predictions
@@ -499,7 +658,7 @@ class Distiller:
                 raise ConfigError(f"plugins.distill.{where}.{side}: '{path}' is not an attention module with query, "
                                   f"key and value projections{nearest(path, near)}")
             for name in ("query", "key", "value"):
-                self._capture(getattr(module, name), states, f"attention{i}.{name}")
+                _capture(getattr(module, name), states, f"attention{i}.{name}")
             heads.append(int(cast(Any, module).num_attention_heads))
             widths.append(_width(cast(nn.Module, module.value), f"{where}.{side}"))
         if pair.relation == "attention" and heads[0] != heads[1]:
@@ -516,12 +675,6 @@ class Distiller:
         self.attention_heads.append((heads[0], heads[1]) if pair.relation == "attention" else
                                     (relation_heads, relation_heads))
         self.attention_masks.append(owner)
-
-    @staticmethod
-    def _capture(module: nn.Module, store: dict, key: str) -> None:
-        def hook(_module, _args, output):
-            store[key] = _first_tensor(output)
-        module.register_forward_hook(hook)
 
     def _mask_owner(self, student: nn.Module, pair: HiddenPair | AttentionPair, where: str) -> nn.Module | None:
         """The student encoder whose ``attention_mask`` marks the real tokens of ``pair.student``'s
@@ -548,21 +701,18 @@ class Distiller:
         ids = batch.get("ids")
         modalities = self.options.embedding_modalities if self.options.embedding else []
         if self.store is not None:
-            logits, embeddings = self.store.outputs(batch, modalities)
-            return logits, None, embeddings
+            stored_logits, stored = self.store.outputs(batch, modalities)
+            return stored_logits, None, stored
         if self.options.cache and ids and all(i in self.cached for i in ids):
             device = batch["label"].device
             all_logits, all_embeddings = zip(*(self.cached[i] for i in ids), strict=True)
             stacked = {m: torch.stack([e[m] for e in all_embeddings if m in e]).to(device) for m in modalities
                        if any(m in e for e in all_embeddings)}
             return (torch.stack(all_logits).to(device) if all_logits[0] is not None else None), None, stacked
-        self.teacher.eval()  # whatever a caller did to it
-        self.teacher_states.clear()
-        out = self.teacher(batch)
-        logits, rows = out.get("logits"), out.get("rows")
-        found = {m: self.teacher.embedding if isinstance(self.teacher, TransformersTeacher)
-                 else self.teacher_states.get(f"embedding_{m}") for m in modalities}
-        embeddings = {m: e for m, e in found.items() if e is not None}
+        if self.remote is not None:
+            logits, rows, embeddings = self.remote.outputs(batch)
+        else:
+            logits, rows, embeddings = live_outputs(self.teacher, self.teacher_states, batch, modalities)
         if self.options.cache:
             if not ids or len(set(ids)) != len(ids) or rows is not None:
                 raise DataError("plugins.distill.cache: every sample needs its own id, and the teacher must score "
@@ -643,6 +793,7 @@ class _Teacher:
     distiller: Distiller
     identity: str | None = None
     resumed: str | None = None  # the teacher a resumed run's checkpoint names
+    actors: list[Any] = field(default_factory=list)  # teacher_workers: the teacher's Ray actors
 
 
 TEACHER = StashKey[_Teacher]()
@@ -681,7 +832,11 @@ def plait_config_schema():
 
 @hookimpl
 def plait_teacher(config):
-    options = config.options(DistillOptions)
+    return build_teacher(config.options(DistillOptions))
+
+
+def build_teacher(options: DistillOptions) -> RunTeacher | TransformersTeacher:
+    """The frozen teacher ``options.teacher`` names: a transformers folder's model or a plait run's."""
     if options.teacher is None:
         raise ConfigError("plugins.distill.teacher: give the teacher (a plait run folder or a transformers "
                           "model folder)")
@@ -706,6 +861,12 @@ def plait_configure_model(model, config, plugins):
         store = TeacherStore(Path(options.store))
         plugins.stash[TEACHER] = _Teacher(None, Distiller(options, None, model, store))
         return None
+    if options.teacher_workers:  # the teacher is built in its actors, not here
+        actors = start_teacher_workers(options, f"{config.run.runs_dir}/{config.run.name}")
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        plugins.stash[TEACHER] = _Teacher(None, Distiller(options, None, model, remote=RemoteTeacher(actors, rank)),
+                                          actors=actors)
+        return None
     python_state, numpy_state = random.getstate(), np.random.get_state()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
@@ -725,7 +886,7 @@ def plait_fit_start(state):
     options, config = state.config.options(DistillOptions), state.config
     run = state.plugins.stash[TEACHER]
     store = run.distiller.store
-    classes = getattr(run.model, "classes", None) if store is None else store.classes
+    classes = run.distiller.classes
     if options.alpha and list(classes or []) != list(state.classes):
         raise ConfigError(f"plugins.distill.teacher: the teacher's classes {list(classes or [])[:12]} are not the "
                           f"student's {list(state.classes)[:12]} (same names, same order)")
@@ -753,15 +914,28 @@ def plait_fit_start(state):
     assert dataset is not None  # build_dataset raises for a missing train split
     if store is None:  # the first run that names the store writes it, then reads it
         folder = Path(options.store)
-        if getattr(run.model, "classes", None) is None:
+        if run.distiller.classes is None:
             raise ConfigError(f"plugins.distill.store: the teacher {options.teacher} has no classification head; "
                               "a store keeps logits (and embeddings), so leave store out for this teacher")
         if state.is_main:
-            assert run.model is not None  # built, as there was no store
             TeacherStore.write(folder, run.distiller, dataset, options, identity, config, state.device)
         barrier()
         store = run.distiller.store = TeacherStore(folder)
     store.check(identity, config.run.seed, config.data.views, len(dataset))
+
+
+@hookimpl
+def plait_batch_loaded(state, batch):
+    remote = state.plugins.stash[TEACHER].distiller.remote
+    if remote is not None:  # the teacher works on it while the batch before trains
+        remote.send(batch)
+
+
+@hookimpl
+def plait_train_metrics(state):
+    remote = state.plugins.stash[TEACHER].distiller.remote
+    wait = remote.wait_ms() if remote is not None else None
+    return None if wait is None else {"teacher_wait_ms": round(wait, 3)}
 
 
 @hookimpl
@@ -782,6 +956,12 @@ def plait_load_state_dict(state, data):
 @hookimpl
 def plait_fit_end(state):
     """report.md in the student's run folder."""
+    run = state.plugins.stash[TEACHER]
+    if run.actors and state.is_main:  # training is over on every worker: the teacher actors are done
+        import ray
+
+        for actor in run.actors:
+            ray.kill(actor)
     if "test" not in state.metrics:
         return
     options = state.config.options(DistillOptions)
