@@ -503,8 +503,10 @@ class TeacherStore:
             raise ConfigError(f"{where} was written for run.seed {found[0]}, data.views {found[1]} and {found[2]} "
                               f"training samples; this run has {seed}, {views} and {samples}")
 
-    def outputs(self, batch: dict, modalities: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(the teacher's logits of the batch's views, {modality: embeddings of the rows that have it})."""
+    def outputs(self, batch: dict, modalities: list[str]) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                    dict[str, torch.Tensor]]:
+        """(the teacher's logits of the batch's views, the rows they score (None: all), {modality: embeddings
+        of the rows that have it})."""
         keys = zip(batch[SAMPLE_INDEX].tolist(), batch[TRANSFORM_SEED].tolist(), strict=True)
         try:
             rows = torch.tensor([self.row[key] for key in keys])
@@ -523,7 +525,10 @@ class TeacherStore:
                 has = batch["present"][modality].cpu() & self.columns[f"has.{modality}"][rows]
                 if bool(has.any()):
                     embeddings[modality] = self.columns[f"embedding.{modality}"][rows[has]].to(device)
-        return logits.to(device), embeddings
+        scored = self.columns["scored"][rows] if "scored" in self.columns else None
+        if scored is not None and bool(scored.all()):
+            scored = None
+        return logits.to(device), None if scored is None else scored.nonzero().squeeze(1).to(device), embeddings
 
     @staticmethod
     def write(folder: Path, distiller: Distiller, dataset: Any, options: DistillOptions, identity: str,
@@ -556,15 +561,19 @@ class TeacherStore:
         with torch.no_grad():
             for start in range(0, len(keys), batch_size):
                 batch = move(dataset.collate_fn([dataset[key] for key in keys[start:start + batch_size]]), device)
-                teacher_logits, _, embeddings = distiller.teacher_outputs(batch)
+                teacher_logits, scored, embeddings = distiller.teacher_outputs(batch)
                 assert teacher_logits is not None  # a teacher without logits is refused in plait_fit_start
                 logits = teacher_logits.float().cpu()
+                size = logits.shape[0]
+                scores = torch.ones(size, dtype=torch.bool) if scored is None else \
+                    torch.zeros(size, dtype=torch.bool).index_fill(0, scored.cpu(), True)
                 if options.top_k and options.top_k < logits.shape[1]:
                     values, indices = logits.topk(options.top_k, dim=1)
                     part = {"topk_values": values, "topk_indices": indices.to(torch.int32)}
                 else:
                     part = {"logits": logits}
-                part.update({SAMPLE_INDEX: batch[SAMPLE_INDEX].cpu(), TRANSFORM_SEED: batch[TRANSFORM_SEED].cpu()})
+                part.update({SAMPLE_INDEX: batch[SAMPLE_INDEX].cpu(), TRANSFORM_SEED: batch[TRANSFORM_SEED].cpu(),
+                             "scored": scores})  # a text teacher scores only the rows with text
                 for modality in modalities:
                     has = batch["present"][modality].cpu()
                     full = torch.zeros(len(has), widths[modality])
@@ -701,8 +710,7 @@ class Distiller:
         ids = batch.get("ids")
         modalities = self.options.embedding_modalities if self.options.embedding else []
         if self.store is not None:
-            stored_logits, stored = self.store.outputs(batch, modalities)
-            return stored_logits, None, stored
+            return self.store.outputs(batch, modalities)
         if self.options.cache and ids and all(i in self.cached for i in ids):
             device = batch["label"].device
             all_logits, all_embeddings = zip(*(self.cached[i] for i in ids), strict=True)

@@ -12,7 +12,7 @@ from plait.core.errors import ConfigError
 from plait.core.loop import fit
 from plait.core.runs import load
 from plait.modalities.text import minilm_folder
-from plait.plugins.distill import TEACHER, RunTeacher, embedding_loss, hidden_loss, kd_loss
+from plait.plugins.distill import TEACHER, RunTeacher, TeacherStore, embedding_loss, hidden_loss, kd_loss
 
 STUDENT = {  # audio only: cross-modal from the fused teacher
     "spoken_digits": TINY_PLUGINS["spoken_digits"],
@@ -223,6 +223,25 @@ def test_a_transformers_classifier_gives_soft_targets_and_must_share_the_classes
     other = classifier_folder(tmp_path / "abc", ["a", "b", "c"])
     with pytest.raises(ConfigError, match=r"the teacher's classes \['a', 'b', 'c'\] are not the student's \['0'"):
         fit(*load(str(write_config({**TEXT_STUDENT, "distill": {"teacher": str(other)}})), []))
+
+
+@pytest.mark.slow
+def test_a_stored_text_teacher_gives_soft_targets_only_to_the_rows_with_text(write_config, tmp_path):
+    teacher = classifier_folder(tmp_path / "classifier", [str(d) for d in range(10)])
+    kd = {"teacher": str(teacher), "alpha": 0.5}
+    live = fit(*load(str(write_config({**TEXT_STUDENT, "distill": kd}, name="live")), []))
+    store = tmp_path / "store"
+    stored = fit(*load(str(write_config({**TEXT_STUDENT, "distill": {**kd, "store": str(store)}}, name="stored")),
+                       []))
+    scored = TeacherStore(store).columns["scored"]
+    assert scored.any() and not scored.all()  # the samples without text (p_missing) have no teacher logits
+    for step, row in train_rows(live.run_dir).items():  # rows without text get no soft targets from the store either
+        assert train_rows(stored.run_dir)[step]["kd"] == pytest.approx(row["kd"], rel=1e-4), step
+
+
+def train_rows(run_dir) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row for row in rows if row.get("split") == "train"}
 
 
 def test_caching_the_teacher_is_refused_when_augmentation_changes_the_inputs(write_config, teacher_dir):

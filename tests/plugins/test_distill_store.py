@@ -84,7 +84,7 @@ def test_the_store_holds_the_teachers_outputs_of_the_views_the_student_trains_on
             [dataset[(i, epoch % 2)] for i in range(0, 40, 3)]), torch.device("cpu"))[TRANSFORM_SEED])
         with torch.no_grad():
             live = teacher(batch)["logits"]
-        stored, _ = saved.outputs(batch, [])
+        stored, _, _ = saved.outputs(batch, [])
         top, classes = live.topk(4, dim=1)
         assert torch.equal(stored.topk(4, dim=1).indices, classes)  # the same view's top classes, the same logits
         # to rounding: the cache ran the teacher in batches of another size; another view would be far off
