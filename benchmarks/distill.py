@@ -15,12 +15,13 @@ Last line: JSON {"teacher_params", "student_params", "teacher_acc", "student_acc
 "student_nokd_acc", "student_acc_spread", "student_nokd_acc_spread", "gap_closed" (the mean over seeds of
 ``(student - nokd) / (teacher - nokd)``: the share of the gap between the student trained alone and the
 teacher that distillation closes), "gap_closed_spread", "student_over_teacher" (student_acc / teacher_acc),
-"seeds", "epochs", "student_epochs"}.
+"seeds", "epochs", "student_epochs", "views", "store", "mixup", "kd" (the distill options used)}.
 
 ``--student-epochs`` gives the distilled student and the student without distillation the same longer
 schedule (a patient student); ``--views N --store`` teaches from the teacher's outputs of N stored augmented
 views instead of the live teacher; ``--mixup A`` mixes the distilled student's images and waveforms (function
-matching: the teacher sees the mixed batch too).
+matching: the teacher sees the mixed batch too); ``--temperature``, ``--alpha`` and ``--embedding`` change the
+losses.
 """
 from __future__ import annotations
 
@@ -55,15 +56,16 @@ def run(raw: dict, name: str, seed: int, epochs: int, runs_dir: str) -> dict:
 
 
 def student_config(base: dict, teacher_dir: str | None, views: int = 0, store: str | None = None,
-                   mixup: float = 0.0) -> dict:
+                   mixup: float = 0.0, kd: dict | None = None) -> dict:
     raw = copy.deepcopy(base)
     for name, options in STUDENT.items():
         raw["plugins"][name] = {**raw["plugins"].get(name, {}), **options}
     if views:
         raw.setdefault("data", {})["views"] = views
     if teacher_dir is not None:
-        raw["plugins"]["fusion"] = {**raw["plugins"]["fusion"], "ce_weight": 1 - KD["alpha"]}
-        raw["plugins"]["distill"] = {"teacher": teacher_dir, **KD, "mixup": mixup,
+        kd = kd or KD
+        raw["plugins"]["fusion"] = {**raw["plugins"]["fusion"], "ce_weight": 1 - kd["alpha"]}
+        raw["plugins"]["distill"] = {"teacher": teacher_dir, **kd, "mixup": mixup,
                                      **({"store": store} if store else {})}
     return raw
 
@@ -90,12 +92,16 @@ def main() -> None:
     parser.add_argument("--store", action="store_true", help="teach from the teacher's stored outputs of --views views")
     parser.add_argument("--mixup", type=float, default=0.0, help="distill.mixup of the distilled student (function "
                         "matching; 0: off)")
+    parser.add_argument("--temperature", type=float, default=KD["temperature"])
+    parser.add_argument("--alpha", type=float, default=KD["alpha"], help="soft-target weight; CE gets 1 - alpha")
+    parser.add_argument("--embedding", type=float, default=KD["embedding"], help="embedding cosine weight (0: off)")
     parser.add_argument("--runs-dir", help="keep the run folders here (default: a temporary folder); a run "
                         "whose folder is complete is continued, i.e. only evaluated again")
     args = parser.parse_args()
     if args.store and not args.views:
         parser.error("--store needs --views N: the augmented views to store")
     student_epochs = args.student_epochs or args.epochs
+    kd = {**KD, "temperature": args.temperature, "alpha": args.alpha, "embedding": args.embedding}
     base = load_config(ROOT / "plugins.yaml")
     results: dict[str, list[float]] = {"teacher": [], "student": [], "nokd": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,9 +111,9 @@ def main() -> None:
             results["teacher"].append(teacher["test"]["fused"]["accuracy"])
             teacher_dir = str(Path(runs_dir) / f"teacher-{seed}")
             store = str(Path(runs_dir) / f"store-{seed}") if args.store else None
-            kd = run(student_config(base, teacher_dir, args.views, store, args.mixup), f"student-{seed}", seed,
-                     student_epochs, runs_dir)
-            results["student"].append(kd["test"]["fused"]["accuracy"])
+            taught = run(student_config(base, teacher_dir, args.views, store, args.mixup, kd), f"student-{seed}",
+                         seed, student_epochs, runs_dir)
+            results["student"].append(taught["test"]["fused"]["accuracy"])
             nokd = run(student_config(base, None, args.views), f"nokd-{seed}", seed, student_epochs, runs_dir)
             results["nokd"].append(nokd["test"]["fused"]["accuracy"])
             print(f"seed {seed}: teacher {results['teacher'][-1]:.4f}, student {results['student'][-1]:.4f}, "
@@ -124,7 +130,7 @@ def main() -> None:
         "gap_closed": round(statistics.mean(closed), 3), "gap_closed_spread": round(max(closed) - min(closed), 3),
         "student_over_teacher": round(statistics.mean(results["student"]) / statistics.mean(results["teacher"]), 4),
         "seeds": args.seeds, "epochs": args.epochs, "student_epochs": student_epochs,
-        "views": args.views, "store": args.store, "mixup": args.mixup,
+        "views": args.views, "store": args.store, "mixup": args.mixup, "kd": kd,
     }))
 
 
