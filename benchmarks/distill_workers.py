@@ -35,7 +35,7 @@ from distill import KD, student_config  # noqa: E402 - the same student as bench
 def run(raw: dict, name: str, runs_dir: str, steps: int, workers: int) -> list[dict]:
     """Train ``raw`` for ``steps`` steps; return its training rows."""
     raw = copy.deepcopy(raw)
-    raw["run"].update(name=name, runs_dir=runs_dir, max_steps=steps, log_every=5, checkpoint_every=0)
+    raw["run"].update(name=name, runs_dir=runs_dir, max_steps=steps, log_every=5)
     raw.setdefault("scaling", {}).update(num_workers=workers, resources_per_worker={"CPU": 1})
     for noisy in ("progress", "curves"):
         raw["plugins"].pop(noisy, None)
