@@ -106,9 +106,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--hidden", action="store_true", help="also distil token states (see LAYERS)")
     parser.add_argument("--attention", action="store_true", help="also distil value relations (see ATTENTION)")
+    parser.add_argument("--temperature", type=float, default=KD["temperature"])
+    parser.add_argument("--alpha", type=float, default=KD["alpha"], help="soft-target weight; CE gets 1 - alpha")
     parser.add_argument("--runs-dir", help="keep the run folders here (default: a temporary folder); a run "
                         "whose folder is complete is continued, i.e. only evaluated again")
     args = parser.parse_args()
+    KD.update(temperature=args.temperature, alpha=args.alpha)
     student = {"hidden": 128, "layers": 2, "heads": 4}
     results: dict[str, list[float]] = {"teacher": [], "student": [], "nokd": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +140,7 @@ def main() -> None:
             "student_nokd_acc": round(statistics.mean(results["nokd"]), 4),
             **{f"{k}_acc_spread": round(max(v) - min(v), 4) for k, v in results.items()},
             "gap_closed": round(statistics.mean(closed), 3), "gap_closed_spread": round(max(closed) - min(closed), 3),
-            "samples": counts, "seeds": args.seeds, "epochs": args.epochs, "hidden": args.hidden,
+            "samples": counts, "seeds": args.seeds, "kd": KD, "epochs": args.epochs, "hidden": args.hidden,
             "attention": args.attention,
         }))
 
