@@ -86,6 +86,11 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def rank() -> int:
+    """This worker's global rank (0 in one process)."""
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sums over all workers (identity in one process)."""
     return _all_reduce(values, torch.distributed.ReduceOp.SUM)

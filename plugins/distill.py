@@ -19,7 +19,9 @@ The projections belong to the student's model (``distill.*`` weights, so data-pa
 keep them in step and a resume restores them); its predictions never use them. The student may
 see fewer modalities than the teacher: an audio-only student of a fused audio+image+text teacher
 is cross-modal distillation. ``cache: true`` keeps the teacher's logits and embeddings per
-sample id, for inputs that do not change between epochs. At the end the student's run folder gets
+sample id, for inputs that do not change between epochs. ``init_embeddings: true`` starts the
+student's token embeddings from the teacher's principal components (DistilBERT's start from the
+teacher). At the end the student's run folder gets
 ``report.md``: parameters, size, CPU latency and test accuracy of teacher and student (and of a
 run without distillation, given as ``baseline``).
 
@@ -54,7 +56,7 @@ from torch import nn
 from plait.core import checkpoint, hookspecs
 from plait.core.config import Options, merge
 from plait.core.data import SAMPLE_INDEX, TRANSFORM_SEED, ShardSampler, build_dataset, make_loader, move
-from plait.core.distributed import barrier, unwrap
+from plait.core.distributed import barrier, rank, unwrap
 from plait.core.errors import ConfigError, DataError, nearest
 from plait.core.evaluation import evaluate
 from plait.core.files import write_json_atomic
@@ -99,6 +101,9 @@ class DistillOptions(Options):
     embedding: float = Field(0.0, ge=0, description="weight of the cosine loss between the student's and "
                              "the teacher's embedding of each of embedding_modalities")
     embedding_modalities: list[str] = Field(["text"], min_length=1)
+    init_embeddings: bool = Field(False, description="start the student's token embeddings from the teacher's "
+                                  "(DistilBERT's start from the teacher; the teacher's top principal components "
+                                  "when the student is narrower): both must tokenize alike")
     max_length: int = Field(32, ge=4, description="a transformers teacher's token limit; match the student's")
     cache: bool = Field(False, description="keep the teacher's logits and embeddings per sample id in memory "
                         "(only for training inputs that do not change between epochs)")
@@ -285,6 +290,39 @@ def _module(root: nn.Module, path: str, where: str, whose: str) -> nn.Module:
                           f"its modules include {names[:6]}") from None
 
 
+def _vocabulary(encoder: Any) -> str:
+    return str(getattr(encoder.tokenizer, "vocabulary", type(encoder.tokenizer).__name__))
+
+
+def init_embeddings(student: nn.Module, teacher: Any) -> None:
+    """The student's token embeddings start as the teacher's, projected onto their top principal
+    components when the student is narrower, at the student's initial scale. What the teacher knows
+    of pieces the training set never shows reaches the student only this way: no loss on the
+    training batches gives those rows a gradient."""
+    encoders = getattr(student, "encoders", {})
+    mine = encoders["text"] if "text" in encoders else None
+    theirs = teacher.encoder("text")
+    if mine is None or theirs is None or not hasattr(mine, "tokenizer") or not hasattr(theirs, "tokenizer"):
+        raise ConfigError("plugins.distill.init_embeddings: the student and the teacher both need a text encoder "
+                          "with token embeddings")
+    if _vocabulary(mine) != _vocabulary(theirs):
+        raise ConfigError("plugins.distill.init_embeddings: the embeddings are copied piece by piece, so both must "
+                          f"tokenize alike; the teacher's vocabulary is {_vocabulary(theirs)}, the student's "
+                          f"{_vocabulary(mine)}")
+    target = mine.model.get_input_embeddings().weight
+    source = theirs.model.get_input_embeddings().weight.detach().to("cpu", torch.float64)
+    rows, width = min(target.shape[0], source.shape[0]), target.shape[1]
+    if width > source.shape[1]:
+        raise ConfigError(f"plugins.distill.init_embeddings: the student's token embeddings ({width} wide) are wider "
+                          f"than the teacher's ({source.shape[1]}); make the student at most as wide")
+    source = source[:rows] - source[:rows].mean(0)
+    if width < source.shape[1]:
+        source = source @ torch.linalg.svd(source, full_matrices=False).Vh[:width].T
+    with torch.no_grad():
+        scale = target[:rows].double().std() / source.std()
+        target[:rows] = (source * scale).to(target.device, target.dtype)
+
+
 def _first_tensor(output) -> torch.Tensor:
     """A module's output tensor (transformers layers return tuples)."""
     return output if isinstance(output, torch.Tensor) else next(t for t in output if isinstance(t, torch.Tensor))
@@ -434,10 +472,9 @@ def start_teacher_workers(options: DistillOptions, run_key: str) -> list[Any]:
                           f"{says(need)}, and the Ray cluster has {says(have)} free beside the training workers; "
                           "lower teacher_workers or teacher_resources, or add nodes")
     barrier()  # every rank has checked before rank 0 takes the resources
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     names: list[str] = []
     actors: list[Any] = []
-    if rank == 0:
+    if rank() == 0:
         token = hashlib.sha256(f"{run_key}:{os.getpid()}:{time.time_ns()}".encode()).hexdigest()[:12]
         names = [f"plait-teacher-{token}-{i}" for i in range(count)]
         extra = {name: amount for name, amount in each.items() if name not in ("CPU", "GPU")}
@@ -698,7 +735,7 @@ class Distiller:
         if theirs is None or not hasattr(theirs, "tokenizer"):
             raise ConfigError(f"plugins.distill.{where}: the student's '{pair.student}' holds token states, the "
                               f"teacher's '{pair.teacher}' does not")
-        ours, their = (getattr(t.tokenizer, "vocabulary", type(t.tokenizer).__name__) for t in (mine, theirs))
+        ours, their = _vocabulary(mine), _vocabulary(theirs)
         if ours != their:
             raise ConfigError(f"plugins.distill.{where}: token states are matched position by position, so both "
                               f"must tokenize alike; the teacher's vocabulary is {their}, the student's {ours}")
@@ -862,19 +899,26 @@ def build_teacher(options: DistillOptions) -> RunTeacher | TransformersTeacher:
 
 @hookimpl
 def plait_configure_model(model, config, plugins):
-    # Building the teacher draws random initial weights (then overwritten): on the training's own
-    # random streams, the student's initial weights and a resumed run's dropout would change.
     options = config.options(DistillOptions)
-    if options.store and (Path(options.store) / STORE_MANIFEST).is_file():  # written: the teacher is not needed
-        store = TeacherStore(Path(options.store))
+    stored = bool(options.store and (Path(options.store) / STORE_MANIFEST).is_file())  # the teacher is not needed
+    teacher = None if (stored or options.teacher_workers) and not options.init_embeddings else _teacher(plugins, config)
+    if options.init_embeddings:
+        init_embeddings(model, teacher)
+    if stored:
+        store = TeacherStore(Path(cast(str, options.store)))
         plugins.stash[TEACHER] = _Teacher(None, Distiller(options, None, model, store))
-        return None
-    if options.teacher_workers:  # the teacher is built in its actors, not here
+    elif options.teacher_workers:  # the teacher runs in its actors, not here
         actors = start_teacher_workers(options, f"{config.run.runs_dir}/{config.run.name}")
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        plugins.stash[TEACHER] = _Teacher(None, Distiller(options, None, model, remote=RemoteTeacher(actors, rank)),
+        plugins.stash[TEACHER] = _Teacher(None, Distiller(options, None, model, remote=RemoteTeacher(actors, rank())),
                                           actors=actors)
-        return None
+    else:
+        plugins.stash[TEACHER] = _Teacher(teacher, Distiller(options, teacher, model))
+    return None
+
+
+def _teacher(plugins, config) -> Any:
+    """The teacher, built on random streams of its own: building it draws initial weights (then
+    overwritten), which would otherwise change the student's and a resumed run's dropout."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
@@ -885,8 +929,7 @@ def plait_configure_model(model, config, plugins):
         np.random.set_state(numpy_state)
     if teacher is None:
         raise ConfigError("plugins.distill: no plugin answered plait_teacher; give plugins.distill.teacher")
-    plugins.stash[TEACHER] = _Teacher(teacher, Distiller(options, teacher, model))
-    return None
+    return teacher
 
 
 @hookimpl

@@ -181,6 +181,40 @@ def test_a_teacher_that_tokenizes_otherwise_or_has_no_head_is_refused(write_conf
         fit(*load(str(write_config({**TEXT_STUDENT, "distill": {"teacher": str(minilm_folder())}})), []))
 
 
+def test_the_student_starts_from_the_principal_components_of_the_teachers_token_embeddings(write_config,
+                                                                                          teacher_dir):
+    from plait.core.model import build_model
+
+    def built(plugin_blocks: dict, distill: dict | None = None):
+        blocks = {**plugin_blocks, **({"distill": {"teacher": str(teacher_dir), **distill}} if distill else {})}
+        config, plugins = load(str(write_config(blocks)), [])
+        return build_model(plugins, config, ("text",), 10), plugins
+
+    untouched, _ = built(TEXT_STUDENT)
+    student, plugins = built(TEXT_STUDENT, {"init_embeddings": True})
+    mine = student.encoders.text.model.get_input_embeddings().weight.detach().double()
+    theirs = plugins.stash[TEACHER].model.encoder("text").model.get_input_embeddings().weight.detach().double()
+    assert mine.shape == (30522, 16) and theirs.shape == (30522, 32)
+    # The 16 directions of the teacher's rows that keep the most of them (numpy's own SVD): the student's rows
+    # are their coordinates, scaled, so the rows' inner products are the projected teacher's, to one factor.
+    centered = theirs.numpy() - theirs.numpy().mean(0)
+    top = centered @ torch.linalg.svd(torch.from_numpy(centered), full_matrices=False).Vh[:16].T.numpy()
+    rows = torch.randperm(30522, generator=torch.Generator().manual_seed(0))[:300]
+    expected, found = top[rows] @ top[rows].T, (mine[rows] @ mine[rows].T).numpy()
+    factor = found.trace() / expected.trace()
+    assert found == pytest.approx(factor * expected, abs=1e-9)
+    untouched_weights = untouched.encoders.text.model.get_input_embeddings().weight.detach().double()
+    assert mine.std().item() == pytest.approx(untouched_weights.std().item(), rel=0.01)  # the student's scale
+    assert not torch.allclose(mine, untouched_weights)
+    byte_student = {**TEXT_STUDENT, "text_encoder": {**TEXT_STUDENT["text_encoder"], "tokenizer": "bytes"}}
+    with pytest.raises(ConfigError, match=r"init_embeddings: .* the teacher's vocabulary is wordpiece \(30,522 "
+                                          r"pieces, \w+\), the student's bytes \(257 ids\)"):
+        built(byte_student, {"init_embeddings": True})
+    wide = {**TEXT_STUDENT, "text_encoder": {**TEXT_STUDENT["text_encoder"], "hidden": 64}}
+    with pytest.raises(ConfigError, match=r"token embeddings \(64 wide\) are wider than the teacher's \(32\)"):
+        built(wide, {"init_embeddings": True})
+
+
 @pytest.mark.slow
 def test_cached_teacher_outputs_run_the_teacher_in_the_first_epoch_only(write_config, teacher_dir, monkeypatch):
     calls = []
