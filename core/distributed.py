@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .data import TrainBatches, TransformedDataset
 
 __all__ = ["DataReplicas", "Distributed", "all_gather", "all_reduce_max", "all_reduce_sum", "barrier", "peak_memory_mb",
-           "pick_device", "seed_everything", "sync_buffers", "unwrap"]
+           "pick_device", "rank", "seed_everything", "sync_buffers", "unwrap"]
 
 
 def _identity(model: torch.nn.Module) -> torch.nn.Module:
