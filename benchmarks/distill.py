@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import multiprocessing
 import os
@@ -104,6 +105,12 @@ def student_config(base: dict, teacher_dir: str | None, views: int = 0, store: s
     return raw
 
 
+def run_name(role: str, seed: int, raw: dict, epochs: int | None = None) -> str:
+    """``role-seed-digest``: a kept ``--runs-dir`` continues a run only when its settings are the same."""
+    digest = hashlib.sha256(json.dumps([raw, epochs], sort_keys=True).encode()).hexdigest()[:8]
+    return f"{role}-{seed}-{digest}"
+
+
 def gap_closed(teacher: float, student: float, nokd: float) -> float:
     """The share of the gap between the student trained alone and the teacher that distillation closes."""
     return (student - nokd) / (teacher - nokd) if teacher != nokd else float("nan")
@@ -131,7 +138,8 @@ def main() -> None:
     parser.add_argument("--embedding", type=float, default=KD["embedding"], help="embedding cosine weight (0: off)")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, cpus // jobs threads each")
     parser.add_argument("--runs-dir", help="keep the run folders here (default: a temporary folder); a run "
-                        "whose folder is complete is continued, i.e. only evaluated again")
+                        "whose folder is complete and whose settings are the same (its name's digest) is only "
+                        "evaluated again")
     args = parser.parse_args()
     if args.store and not args.views:
         parser.error("--store needs --views N: the augmented views to store")
@@ -141,15 +149,20 @@ def main() -> None:
     results: dict[str, list[float]] = {"teacher": [], "student": [], "nokd": []}
     with tempfile.TemporaryDirectory() as tmp, Runs(args.jobs) as runs:
         runs_dir = args.runs_dir or tmp
-        teachers = {seed: runs.submit(run, base, f"teacher-{seed}", seed, args.epochs, runs_dir) for seed in args.seeds}
-        alone = {seed: runs.submit(run, student_config(base, None, args.views), f"nokd-{seed}", seed, student_epochs,
-                                   runs_dir) for seed in args.seeds}
+        nokd_raw = student_config(base, None, args.views)
+        teacher_names = {seed: run_name("teacher", seed, base, args.epochs) for seed in args.seeds}
+        teachers = {seed: runs.submit(run, base, teacher_names[seed], seed, args.epochs, runs_dir)
+                    for seed in args.seeds}
+        alone = {seed: runs.submit(run, nokd_raw, run_name("nokd", seed, nokd_raw, student_epochs), seed,
+                                   student_epochs, runs_dir) for seed in args.seeds}
         taught = {}
         for seed in args.seeds:  # each distilled student once its teacher's folder is complete
             teachers[seed].result()
-            store = str(Path(runs_dir) / f"store-{seed}") if args.store else None
-            raw = student_config(base, str(Path(runs_dir) / f"teacher-{seed}"), args.views, store, args.mixup, kd)
-            taught[seed] = runs.submit(run, raw, f"student-{seed}", seed, student_epochs, runs_dir)
+            teacher_dir = str(Path(runs_dir) / teacher_names[seed])
+            store = f"{teacher_dir}-store-{args.views}" if args.store else None
+            raw = student_config(base, teacher_dir, args.views, store, args.mixup, kd)
+            taught[seed] = runs.submit(run, raw, run_name("student", seed, raw, student_epochs), seed, student_epochs,
+                                       runs_dir)
         for seed in args.seeds:
             for key, future in (("teacher", teachers[seed]), ("student", taught[seed]), ("nokd", alone[seed])):
                 results[key].append(future.result()["test"]["fused"]["accuracy"])
