@@ -151,6 +151,16 @@ def add_typos(text: str, rng: random.Random, rate: float) -> str:
     return "".join(out) or text
 
 
+def drop_words(text: str, rng: random.Random, rate: float) -> str:
+    """Each word, with probability ``rate``, left out; one word at least is kept. At rate 0 it draws
+    nothing from ``rng``, so the typos drawn after it are those drawn without it."""
+    if not rate:
+        return text
+    words = text.split()
+    kept = [w for w in words if rng.random() >= rate]
+    return " ".join(kept) if kept else (rng.choice(words) if words else text)
+
+
 def random_case(text: str, rng: random.Random) -> str:
     """The text in lower, upper, title or random case."""
     kind = rng.randrange(4)

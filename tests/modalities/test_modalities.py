@@ -10,7 +10,7 @@ from plait.core.errors import DataError
 from plait.modalities.audio import SAMPLE_RATE, LogMel, SpecAugment, WaveAugment, add_noise, load_audio
 from plait.modalities.batch import collate
 from plait.modalities.image import ImageAugment, load_image
-from plait.modalities.text import ByteTokenizer, WordPieceTokenizer, add_typos, random_case
+from plait.modalities.text import ByteTokenizer, WordPieceTokenizer, add_typos, drop_words, random_case
 
 
 def sample(label, text=None, image=None, audio=None, sid="s"):
@@ -64,6 +64,19 @@ def test_typos_and_case_noise_change_text_reproducibly():
     assert noisy == [add_typos("quattro", random.Random(s), 0.5) for s in range(20)]
     assert add_typos("x", random.Random(0), 0.0) == "x"
     assert {random_case("acht", random.Random(s)).lower() for s in range(10)} == {"acht"}
+
+
+def test_dropped_words_keep_the_order_and_one_word_and_draw_nothing_at_rate_zero():
+    text = "Displaced fracture of lateral end of left clavicle"
+    views = [drop_words(text, random.Random(s), 0.5) for s in range(30)]
+    words = text.split()
+    for view in views:
+        rest = iter(words)
+        assert view and all(word in rest for word in view.split())  # a subsequence of the text's words
+    assert len(set(views)) > 10
+    assert drop_words("clavicle", random.Random(0), 0.99) == "clavicle"
+    rng = random.Random(7)
+    assert drop_words(text, rng, 0.0) == text and rng.random() == random.Random(7).random()
 
 
 def test_load_audio_resamples_and_mixes_down(tmp_path):
