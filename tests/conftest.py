@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,21 @@ def write_config(tmp_path):
         return write_in(tmp_path, TINY_PLUGINS if plugins is None else plugins, name, **{"log_every": 2, **run})
 
     return write
+
+
+@contextmanager
+def gloo_world(rank: int, workers: int, port: int) -> Iterator[None]:
+    """This spawned process as rank ``rank`` of a gloo group for the block. It leaves only once every rank has
+    finished its collectives: a rank that shuts gloo down while a peer's last exchange is still in flight
+    aborts that peer ("terminate called without an active exception", SIGABRT)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def free_port() -> int:

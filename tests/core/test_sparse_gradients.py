@@ -1,9 +1,8 @@
 """Large embeddings send sparse gradients through DDP; the update stays the dense one."""
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, gloo_world
 
 from plait.core.step import densify_gradients
 from plait.launch.ray_runner import SPARSE_EMBEDDING_ROWS, sparse_embedding_gradients
@@ -36,17 +35,16 @@ def _steps(model: torch.nn.Module, rank: int) -> None:
 
 def _train_both_ways(rank: int, port: int, results: dict) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    weights = {}
-    for sparse in (False, True):
-        torch.manual_seed(0)
-        model = Tagger()
-        if sparse:
-            assert sparse_embedding_gradients(model) == ["vocab"]
-        ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-        _steps(ddp, rank)
-        weights[sparse] = {k: v.clone() for k, v in model.state_dict().items()}
-    dist.destroy_process_group()
+    with gloo_world(rank, 2, port):
+        weights = {}
+        for sparse in (False, True):
+            torch.manual_seed(0)
+            model = Tagger()
+            if sparse:
+                assert sparse_embedding_gradients(model) == ["vocab"]
+            ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+            _steps(ddp, rank)
+            weights[sparse] = {k: v.clone() for k, v in model.state_dict().items()}
     results[rank] = weights
 
 
@@ -80,18 +78,16 @@ def _tied_step(rank: int, port: int) -> None:
     from plait.plugins.wiki_lm import CausalLM, WikiLMOptions
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    model = CausalLM(WikiLMOptions(seq_len=8, dim=16, layers=1, heads=2, ffn=32), SPARSE_EMBEDDING_ROWS * 4)
-    assert sparse_embedding_gradients(model) == []  # the output layer reuses the embedding's weight
-    ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-    ids = torch.randint(0, SPARSE_EMBEDDING_ROWS * 4, (2, 8), generator=torch.Generator().manual_seed(rank))
-    logits = ddp({"inputs": {"text": {"ids": ids}}})["logits"]
-    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
-    assert model.embed.weight.grad is not None and not model.embed.weight.grad.is_sparse
-    del ddp  # its reducer holds the process group: gone first, so that gloo's threads end before it
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_world(rank, 2, port):
+        torch.manual_seed(0)
+        model = CausalLM(WikiLMOptions(seq_len=8, dim=16, layers=1, heads=2, ffn=32), SPARSE_EMBEDDING_ROWS * 4)
+        assert sparse_embedding_gradients(model) == []  # the output layer reuses the embedding's weight
+        ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+        ids = torch.randint(0, SPARSE_EMBEDDING_ROWS * 4, (2, 8), generator=torch.Generator().manual_seed(rank))
+        logits = ddp({"inputs": {"text": {"ids": ids}}})["logits"]
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        assert model.embed.weight.grad is not None and not model.embed.weight.grad.is_sparse
+        del ddp  # its reducer holds the process group: gone first, so that gloo's threads end before it
 
 
 @pytest.mark.timeout(120)

@@ -5,10 +5,9 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from conftest import TINY_PLUGINS, free_port
+from conftest import TINY_PLUGINS, free_port, gloo_world
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -61,17 +60,16 @@ def _summary(state) -> dict:
 def _worker(rank: int, port: int, configs: dict, results: dict, summary=_summary) -> None:
     """Rank ``rank`` of 2 gloo workers: train each config in turn; ``summary(state)`` of each, or its error."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     out = {}
-    for run, (path, strategy) in configs.items():
-        config, plugins = load(path, [])
-        try:
-            state = fit(config, plugins, _distributed(rank, strategy, config))
-        except RuntimeError as exc:
-            out[run] = {"error": str(exc)}
-            continue
-        out[run] = summary(state)
-    dist.destroy_process_group()
+    with gloo_world(rank, 2, port):
+        for run, (path, strategy) in configs.items():
+            config, plugins = load(path, [])
+            try:
+                state = fit(config, plugins, _distributed(rank, strategy, config))
+            except RuntimeError as exc:
+                out[run] = {"error": str(exc)}
+                continue
+            out[run] = summary(state)
     results[rank] = out
 
 

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from conftest import TINY_PLUGINS, free_port
+from conftest import TINY_PLUGINS, free_port, gloo_world
 
 from plait.core.loop import fit
 from plait.core.runs import load
@@ -26,14 +25,11 @@ STILL = {"text_encoder": {"hidden": 32, "layers": 2, "heads": 4, "dropout": 0.0}
 
 def _worker(rank: int, workers: int, port: int, paths: list[str]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=workers)
-    try:
+    with gloo_world(rank, workers, port):
         for path in paths:
             config, plugins = load(path, [])
             distributed, _ = worker_distributed(config, rank, workers, torch.device("cpu"))
             fit(config, plugins, distributed)
-    finally:
-        dist.destroy_process_group()
 
 
 def run_on(workers: int, *paths: Path) -> None:
@@ -140,22 +136,21 @@ def _expert_layer(rank: int, port: int, out: str) -> None:
     from plait.plugins.moe import MoELayer, MoEOptions, settle_step
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    whole = MoELayer(16, 32, MoEOptions(experts=4, top_k=2, capacity_factor=None))
-    split = copy.deepcopy(whole)
-    split.plait_expert_parallel(init_device_mesh("cpu", (2,)))
-    tokens = torch.randn(2, 24, 16) * 3  # both workers' tokens; each sends its own half through the split layer
-    expected = whole(tokens)
-    expected.square().sum().backward()
-    got = split(tokens[rank:rank + 1])
-    (got.square().sum()).backward()
-    settle_step([whole])
-    settle_step([split])  # every worker's loads, all-reduced
-    torch.save({"expected": expected[rank].detach(), "got": got[0].detach(),
-                "loads": [whole.window["load"], split.window["load"]],
-                "grads": [whole.w1.grad, split.w1.grad.full_tensor()]}, f"{out}/{rank}.pt")
-    dist.destroy_process_group()
+    with gloo_world(rank, 2, port):
+        torch.manual_seed(0)
+        whole = MoELayer(16, 32, MoEOptions(experts=4, top_k=2, capacity_factor=None))
+        split = copy.deepcopy(whole)
+        split.plait_expert_parallel(init_device_mesh("cpu", (2,)))
+        tokens = torch.randn(2, 24, 16) * 3  # both workers' tokens; each sends its own half through the split layer
+        expected = whole(tokens)
+        expected.square().sum().backward()
+        got = split(tokens[rank:rank + 1])
+        (got.square().sum()).backward()
+        settle_step([whole])
+        settle_step([split])  # every worker's loads, all-reduced
+        torch.save({"expected": expected[rank].detach(), "got": got[0].detach(),
+                    "loads": [whole.window["load"], split.window["load"]],
+                    "grads": [whole.w1.grad, split.w1.grad.full_tensor()]}, f"{out}/{rank}.pt")
 
 
 def test_expert_parallel_dropless_routes_and_computes_as_one_process(tmp_path):

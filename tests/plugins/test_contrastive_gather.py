@@ -1,7 +1,7 @@
 """fusion.contrastive_gather: negatives from every worker's batch, exact against one process over them all."""
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, gloo_world
 
 from plait.plugins.fusion import contrastive_loss, gathered_contrastive_loss
 
@@ -17,20 +17,17 @@ def batch(requires_grad: bool = True):
 
 
 def _worker(rank: int, port: int, results) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    projected, present, scale = batch()
-    mine = slice(rank * ROWS, (rank + 1) * ROWS)
-    local = {m: p[mine].clone().requires_grad_(True) for m, p in projected.items()}
-    scale.requires_grad_(True)
-    loss = gathered_contrastive_loss({"projected": local, "present": {m: p[mine] for m, p in present.items()},
-                                      "logit_scale": scale})
-    loss.backward()
-    # what DDP does with the workers' gradients: their mean
-    grads = {m: t.grad / WORLD for m, t in local.items()}  # a row's gradient arrives summed over all workers' losses
-    results[rank] = {"loss": loss.detach(), "grads": grads, "scale": scale.grad}
-    dist.destroy_process_group()
+    with gloo_world(rank, WORLD, port):
+        projected, present, scale = batch()
+        mine = slice(rank * ROWS, (rank + 1) * ROWS)
+        local = {m: p[mine].clone().requires_grad_(True) for m, p in projected.items()}
+        scale.requires_grad_(True)
+        loss = gathered_contrastive_loss({"projected": local, "present": {m: p[mine] for m, p in present.items()},
+                                          "logit_scale": scale})
+        loss.backward()
+        # what DDP does with the workers' gradients: their mean (a row's gradient arrives summed over all losses)
+        grads = {m: t.grad / WORLD for m, t in local.items()}
+        results[rank] = {"loss": loss.detach(), "grads": grads, "scale": scale.grad}
 
 
 def test_the_gathered_loss_and_its_gradients_match_one_process_over_the_concatenated_batch():
