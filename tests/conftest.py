@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,6 +43,23 @@ def write_config(tmp_path):
         return write_in(tmp_path, TINY_PLUGINS if plugins is None else plugins, name, **{"log_every": 2, **run})
 
     return write
+
+
+def spawn(worker: Callable[..., None], workers: int, *args: Any) -> None:
+    """Run ``worker(rank, *args)`` in ``workers`` spawned processes and wait for them all (the first failure
+    raises here). A process whose worker returned ends at once with exit code 0, as a forked one does,
+    without finalizing its interpreter: a torch.distributed thread that lets go of a tensor while the
+    interpreter finalizes aborts the process (pytorch/pytorch#190489), a failure of torch's, not of the test."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_run_and_exit, args=(worker, args), nprocs=workers, join=True, start_method="spawn")
+
+
+def _run_and_exit(rank: int, worker: Callable[..., None], args: tuple) -> None:
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port, gloo_world
+from conftest import free_port, gloo_world, spawn
 
 from plait.core.step import densify_gradients
 from plait.launch.ray_runner import SPARSE_EMBEDDING_ROWS, sparse_embedding_gradients
@@ -52,7 +52,7 @@ def _train_both_ways(rank: int, port: int, results: dict) -> None:
 def test_sparse_embedding_gradients_give_the_dense_update_on_two_workers():
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_train_both_ways, args=(free_port(), results), nprocs=2)
+        spawn(_train_both_ways, 2, free_port(), results)
         results = dict(results)
     for rank in (0, 1):
         dense, sparse = results[rank][False], results[rank][True]
@@ -93,4 +93,4 @@ def _tied_step(rank: int, port: int) -> None:
 @pytest.mark.timeout(120)
 def test_an_embedding_tied_to_the_output_layer_keeps_dense_gradients_under_ddp():
     # a sparse switch here fails DDP's backward: "Expected variable to have sparse gradient"
-    mp.spawn(_tied_step, args=(free_port(),), nprocs=2)
+    spawn(_tied_step, 2, free_port())

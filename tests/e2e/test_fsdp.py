@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from conftest import TINY_PLUGINS, free_port, gloo_world
+from conftest import TINY_PLUGINS, free_port, gloo_world, spawn
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -127,7 +127,7 @@ def runs(tmp_path_factory):
     }
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(free_port(), configs, results), nprocs=2)
+        spawn(_worker, 2, free_port(), configs, results)
         return {"root": root, **dict(results)}
 
 

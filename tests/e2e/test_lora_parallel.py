@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from conftest import TINY_PLUGINS, bert_folder, free_port
+from conftest import TINY_PLUGINS, bert_folder, free_port, spawn
 from safetensors.torch import load_file
 from test_fsdp import _worker
 
@@ -49,7 +49,7 @@ def runs(tmp_path_factory):
     }
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(free_port(), configs, results, _summary), nprocs=2)
+        spawn(_worker, 2, free_port(), configs, results, _summary)
         return {"root": root, **dict(results)}
 
 

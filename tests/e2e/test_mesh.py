@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import yaml
-from conftest import TINY_PLUGINS, free_port, gloo_world
+from conftest import TINY_PLUGINS, free_port, gloo_world, spawn
 
 from plait.core.loop import fit
 from plait.core.runs import load
@@ -34,8 +33,7 @@ def _worker(rank: int, workers: int, port: int, paths: list[str]) -> None:
 
 def run_on(workers: int, *paths: Path) -> None:
     """Train each config in turn on ``workers`` spawned gloo processes."""
-    mp.start_processes(_worker, args=(workers, free_port(), [str(p) for p in paths]), nprocs=workers,
-                       join=True, start_method="spawn")
+    spawn(_worker, workers, workers, free_port(), [str(p) for p in paths])
 
 
 def losses(path: Path, name: str) -> list[float]:
@@ -154,7 +152,7 @@ def _expert_layer(rank: int, port: int, out: str) -> None:
 
 
 def test_expert_parallel_dropless_routes_and_computes_as_one_process(tmp_path):
-    mp.start_processes(_expert_layer, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    spawn(_expert_layer, 2, free_port(), str(tmp_path))
     for rank in range(2):
         result = torch.load(tmp_path / f"{rank}.pt")
         torch.testing.assert_close(result["got"], result["expected"], rtol=1e-5, atol=1e-6)

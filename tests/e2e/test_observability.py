@@ -6,7 +6,7 @@ import json
 import pytest
 import torch.multiprocessing as mp
 import yaml
-from conftest import TINY_PLUGINS, free_port
+from conftest import TINY_PLUGINS, free_port, spawn
 from test_fsdp import _worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -27,7 +27,7 @@ def two_workers(tmp_path_factory):
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(free_port(), {"watched": (str(path), "ddp")}, results, _summary), nprocs=2)
+        spawn(_worker, 2, free_port(), {"watched": (str(path), "ddp")}, results, _summary)
         return {"root": root, "run_dir": root / "runs" / "watched", **dict(results)}
 
 

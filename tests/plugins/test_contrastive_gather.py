@@ -1,7 +1,7 @@
 """fusion.contrastive_gather: negatives from every worker's batch, exact against one process over them all."""
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port, gloo_world
+from conftest import free_port, gloo_world, spawn
 
 from plait.plugins.fusion import contrastive_loss, gathered_contrastive_loss
 
@@ -32,7 +32,7 @@ def _worker(rank: int, port: int, results) -> None:
 
 def test_the_gathered_loss_and_its_gradients_match_one_process_over_the_concatenated_batch():
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    spawn(_worker, WORLD, free_port(), results)
     projected, present, scale = batch()
     leaves = {m: p.clone().requires_grad_(True) for m, p in projected.items()}
     scale.requires_grad_(True)
