@@ -23,12 +23,12 @@ VENV_BIN = Path(sys.executable).parent
 
 def node_env(plait_cache: Path) -> dict[str, str]:
     """The environment of the nodes' processes (and of drivers that connect to them): this venv, the test
-    plugins, the shared data cache, a Train controller that checks its workers every 0.5 s (Ray's default:
-    2 s), and no token authentication (the nodes listen on 127.0.0.1 only)."""
+    plugins, the shared data cache, the tests' own (conftest's: a Train controller that checks its workers
+    every 0.5 s), and no token authentication (the nodes listen on 127.0.0.1 only)."""
     from conftest import PLUGINS_FOR_TESTS
 
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PLAIT_CACHE": str(plait_cache),
-           "PYTHONPATH": str(PLUGINS_FOR_TESTS), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+           "PYTHONPATH": str(PLUGINS_FOR_TESTS),
            # said, not left to Ray: a head started where ~/.ray/auth_token exists would otherwise want a token
            "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)

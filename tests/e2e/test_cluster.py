@@ -32,7 +32,7 @@ def cluster(tmp_path_factory, plait_cache):
     import ray
 
     env = node_env(plait_cache)
-    saved = {key: os.environ.get(key) for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_AUTH_MODE")}
+    saved = {key: os.environ.get(key) for key in ("RAY_AUTH_MODE",)}
     os.environ.update({key: env[key] for key in saved})  # this process is the driver: as the nodes have it
     cluster = LocalCluster(env)
     try:
@@ -51,9 +51,11 @@ def cluster(tmp_path_factory, plait_cache):
                 os.environ[key] = value
 
 
-def configure(tmp_path, name: str, **scaling):
+def configure(tmp_path, name: str, seconds_per_step: float = 1.0, **scaling):
+    """A run of 2 workers spread over the nodes; each step takes ``seconds_per_step`` at least, so that a node
+    can be lost under a running job."""
     log = tmp_path / f"{name}-samples.jsonl"
-    plugins = {**TINY_PLUGINS, "sample_log": {"path": str(log), "seconds_per_step": 1.0}}
+    plugins = {**TINY_PLUGINS, "sample_log": {"path": str(log), "seconds_per_step": seconds_per_step}}
     config = {"run": {"name": name, "runs_dir": f"file://{tmp_path / 'bucket'}", "epochs": EPOCHS, "batch_size": 32,
                       "eval_batch_size": 64, "log_every": 1, "checkpoint_every": 2},
               "scaling": {"num_workers": 2, "placement_strategy": "SPREAD", "max_failures": 1, **scaling},
@@ -98,9 +100,9 @@ def each_sample_once_per_epoch(log: Path) -> None:
 
 @pytest.fixture(scope="module")
 def whole_run(cluster, tmp_path_factory):
-    """A run never interrupted: 2 workers on the 2 worker nodes."""
+    """A run never interrupted: 2 workers on the 2 worker nodes, at full speed."""
     tmp_path = tmp_path_factory.mktemp("whole")
-    path, log = configure(tmp_path, "whole")
+    path, log = configure(tmp_path, "whole", seconds_per_step=0.0)
     raw = load_config(path, [])
     config, _ = prepare(raw, str(path))
     return tmp_path / "bucket", log, ray_runner.train(config, raw)
