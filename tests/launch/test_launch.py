@@ -68,11 +68,9 @@ def ray_head(tmp_path_factory, plait_cache, token_file):
                 pytest.fail("the Ray head did not start")
             time.sleep(1)
     yield f"http://127.0.0.1:{dashboard}"
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    # SIGKILL to the group stops every process of the head at once; on SIGTERM it takes ~33 s here
+    os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=60)
 
 
 def launch_config(tmp_path: Path) -> Path:
