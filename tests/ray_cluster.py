@@ -99,18 +99,17 @@ class LocalCluster:
         process = self.nodes.pop(node_id)
         os.kill(_raylet(process)[0], signal.SIGKILL)
         process.wait(timeout=60)  # `ray start --block` notices and exits
-        _stop(process, signal.SIGKILL)
+        stop_node(process)
 
     def kill_head(self) -> None:
         """SIGKILL every process of the head node: its GCS, raylet and job server."""
-        _stop(self.head, signal.SIGKILL)
+        stop_node(self.head)
 
     def shutdown(self) -> None:
-        """Every node's process group SIGKILLed, the head's too: each stops at once (a `ray start --block`
-        head given SIGTERM takes ~33 s here), and the temporary folder goes with them."""
+        """Every node stopped, the head too, and the temporary folder with them."""
         for process in self.nodes.values():
-            _stop(process, signal.SIGKILL)
-        _stop(self.head, signal.SIGKILL)
+            stop_node(process)
+        stop_node(self.head)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -135,13 +134,12 @@ def _raylet(process: subprocess.Popen) -> tuple[int, str] | None:
     return None
 
 
-def _stop(process: subprocess.Popen, how: signal.Signals) -> None:
-    try:
-        os.killpg(process.pid, how)
-        process.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+def stop_node(process: subprocess.Popen) -> None:
+    """SIGKILL a `ray start --block` process group: every process of that node stops at once (given SIGTERM,
+    a head takes ~33 s here to exit)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
 
 
 def checkpoints_in(bucket: Path, name: str) -> list[str]:

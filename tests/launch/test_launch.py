@@ -1,7 +1,6 @@
 """`plait launch` against a real Ray head on 127.0.0.1 with its job server. Nothing mocked."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_cluster import stop_node
 
 pytestmark = pytest.mark.slow
 VENV_BIN = Path(sys.executable).parent
@@ -64,13 +64,11 @@ def ray_head(tmp_path_factory, plait_cache, token_file):
             break
         except OSError:
             if head.poll() is not None or time.monotonic() > deadline:
-                os.killpg(head.pid, signal.SIGKILL)
+                stop_node(head)
                 pytest.fail("the Ray head did not start")
             time.sleep(1)
     yield f"http://127.0.0.1:{dashboard}"
-    # SIGKILL to the group stops every process of the head at once; on SIGTERM it takes ~33 s here
-    os.killpg(head.pid, signal.SIGKILL)
-    head.wait(timeout=60)
+    stop_node(head)
 
 
 def launch_config(tmp_path: Path) -> Path:
